@@ -73,42 +73,48 @@ class Masker:
 
     def _one(self, r: Rendered, ids_list: list[int], offsets: list[tuple[int, int]]) -> Example:
         n = len(ids_list)
-        ids = np.asarray(ids_list, dtype=np.uint32)
-        offs = np.asarray(offsets, dtype=np.int64).reshape(n, 2)
+        ids = np.array(ids_list, dtype=np.uint32)
+        offs = np.array(offsets, dtype=np.int64).reshape(n, 2)
         starts, ends = offs[:, 0], offs[:, 1]
         char_labels = np.full(len(r.text) + 1, Label.TEMPLATE, dtype=np.uint8)
         for s in r.spans:
             char_labels[s.start:s.end] = s.label
         labels = char_labels[np.minimum(starts, len(r.text))]
         weights = np.zeros(n, dtype=np.float32)
-        monotonic = n < 2 or (bool(np.all(starts[1:] >= starts[:-1])) and bool(np.all(ends[1:] >= ends[:-1])))
+        if n > 1 and (np.any(starts[1:] < starts[:-1]) or np.any(ends[1:] < ends[:-1])):
+            raise EpisodeError("verify_failed", "the tokenizer returned offsets that are not in text order")
+        gaps = np.flatnonzero(starts[1:] > np.maximum.accumulate(ends)[:-1]) + 1  # tokens after uncovered text
         straddling = 0
+        ranges: list[tuple[int, int]] = []  # token ranges of trained spans, merged, for one decode
         for span in r.trained_spans:
-            if monotonic:
-                lo = int(np.searchsorted(ends, span.start, side="right"))
-                hi = int(np.searchsorted(starts, span.end, side="left"))
-                idx = np.arange(lo, hi)
-            else:
-                idx = np.flatnonzero((starts < span.end) & (ends > span.start))
-            if idx.size == 0:
+            lo = int(np.searchsorted(ends, span.start, side="right"))
+            hi = int(np.searchsorted(starts, span.end, side="left"))
+            if hi <= lo:
+                raise EpisodeError("verify_failed", f"trained text {r.text[span.start:span.end]!r} maps to no token")
+            head_out, tail_out = bool(starts[lo] < span.start), bool(ends[hi - 1] > span.end)
+            straddling += int(head_out) + int(tail_out and (hi - 1 > lo or not head_out))
+            if gaps.size and np.any((gaps > lo) & (gaps < hi)) or starts[lo] > span.start or ends[hi - 1] < span.end:
                 raise EpisodeError(
                     "verify_failed",
-                    f"trained text {r.text[span.start:span.end]!r} maps to no token",
+                    f"trained text {r.text[span.start:span.end]!r} has characters no token covers",
+                    hint="the tokenizer normalizes or drops these characters; report this example",
                 )
-            inside = (starts[idx] >= span.start) & (ends[idx] <= span.end)
-            straddle = int(np.count_nonzero(~inside))
-            straddling += straddle
-            self._verify(r.text, span, ids[idx], starts[idx], ends[idx])
             if self.options.straddle == "exclude":
-                idx = idx[inside]
-            weights[idx] = np.maximum(weights[idx], span.weight)
-            labels[idx] = span.label
-        if not np.any(weights > 0):
+                lo, hi = lo + int(head_out), hi - int(tail_out)
+            if hi > lo:
+                weights[lo:hi] = np.maximum(weights[lo:hi], span.weight)
+                labels[lo:hi] = span.label
+                if ranges and lo <= ranges[-1][1]:
+                    ranges[-1] = (ranges[-1][0], max(hi, ranges[-1][1]))
+                else:
+                    ranges.append((lo, hi))
+        if not ranges:
             raise EpisodeError(
                 "zero_trained_tokens",
                 "this example trains on zero tokens",
                 hint="check train/weight overrides; an example with nothing to learn is never written",
             )
+        self._verify(r.text, ids_list, starts, ends, ranges)
         truncated = False
         limit = self.options.max_length
         if limit is not None and n > limit:
@@ -157,17 +163,17 @@ class Masker:
         soft_expected = self._after_added.sub(r"\1", expected)
         return soft_got == soft_expected or soft_got == soft_expected.removeprefix(" ")
 
-    def _verify(self, text: str, span, ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
-        lo, hi = int(starts.min()), int(ends.max())
-        reach = np.maximum.accumulate(ends)
-        gap = lo > span.start or hi < span.end or bool(np.any(starts[1:] > reach[:-1]))
-        expected = text[lo:hi]
-        got = self.backend.decode(ids.tolist(), skip_special_tokens=False)
-        if not gap and self._decodes_to(got, expected):
+    def _verify(self, text: str, ids: list[int], starts, ends, ranges: list[tuple[int, int]]) -> None:
+        """The trained tokens decode back to exactly the text they cover: one decode per example."""
+        pieces = [text[int(starts[lo]):int(ends[hi - 1])] for lo, hi in ranges]
+        trained = [t for lo, hi in ranges for t in ids[lo:hi]]
+        if self._decodes_to(self.backend.decode(trained, skip_special_tokens=False), "".join(pieces)):
             return
-        raise EpisodeError(
-            "verify_failed",
-            f"trained tokens decode to {got!r} but the renderer meant to train {text[span.start:span.end]!r}"
-            + (" (characters not covered by any token)" if gap else ""),
-            hint="the tokenizer normalizes or drops these characters; report this example",
-        )
+        for (lo, hi), expected in zip(ranges, pieces):  # find the range at fault, for the message
+            got = self.backend.decode(ids[lo:hi], skip_special_tokens=False)
+            if not self._decodes_to(got, expected):
+                raise EpisodeError(
+                    "verify_failed",
+                    f"trained tokens decode to {got!r} but the renderer meant to train {expected!r}",
+                    hint="the tokenizer normalizes these characters; report this example",
+                )

@@ -102,8 +102,8 @@ def to_template_messages(conv: Conversation) -> _Chat:
                     )
                 content = m.content if m.cite is None else f"{m.content}\n\n{m.cite}"
                 msg["content"] = content
-                if m.think is not None:
-                    msg["reasoning_content"] = m.think
+                if m.think is not None:  # both names templates read reasoning under, as transformers does
+                    msg["reasoning_content"] = msg["thinking"] = m.think
                 i += 1
             calls = []
             while i < len(msgs) and msgs[i].role == "assistant_toolcall":
@@ -146,7 +146,10 @@ class ChatTemplateRenderer:
             )
         if history not in HISTORY_POLICIES:
             raise LossmaskError(f"--history must be one of {HISTORY_POLICIES}, got {history!r}")
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
         self.template = template
+        self._compiled = _compile_jinja_template(template)
         self.info = info
         self.history = history
         self.response_marker = response_marker
@@ -164,13 +167,16 @@ class ChatTemplateRenderer:
 
     # -- rendering -------------------------------------------------------------------------------
     def _render(self, messages: list[dict], tools, add_generation_prompt: bool = False) -> str:
-        from transformers.utils.chat_template_utils import render_jinja_template
+        """Render with transformers' compiled, sandboxed template (compiled once, cached by transformers).
 
+        Messages are built by ``to_template_messages`` from parsed JSON, so they are already the plain
+        data ``apply_chat_template`` would convert them to; the compiled template is called directly.
+        """
         try:
-            rendered, _ = render_jinja_template(
-                conversations=[messages],
+            return self._compiled.render(
+                messages=messages,
                 tools=list(tools) if tools else None,
-                chat_template=self.template,
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.kwargs,
             )
@@ -181,7 +187,6 @@ class ChatTemplateRenderer:
                 hint="the conversation breaks a rule of this template (e.g. roles must alternate); "
                 "fix the conversation or choose another --format",
             ) from exc
-        return rendered[0]
 
     def _generation_prompt(self, tools) -> tuple[str, str]:
         """(prompt with generation header for the dummy user, the header alone), cached per tool set."""

@@ -1,0 +1,201 @@
+"""The ``lossmask`` command: a thin layer of argument parsing over the public API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lossmask import __version__
+from lossmask.errors import LossmaskError
+
+EPILOG = "Run `lossmask COMMAND --help` for the options of a command."
+
+
+def _prepare_parser(sub) -> None:
+    from lossmask.mask import STRADDLE_POLICIES, TRUNCATION_POLICIES
+    from lossmask.prepare import ON_ERROR
+    from lossmask.render import FORMATS
+    from lossmask.render.chat_template import HISTORY_POLICIES
+    from lossmask.special import SPECIAL_POLICIES
+    from lossmask.sources import INPUT_FORMATS
+
+    p = sub.add_parser(
+        "prepare",
+        help="render, mask, verify and store episodes as a binary dataset",
+        description="Turn JSONL episodes into a binary SFT dataset with exact, verified loss masks. "
+        "Every example is checked: its trained tokens must decode back to exactly the text the renderer "
+        "meant to train. Bad lines are reported with file, line and field.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL files (one episode per line)")
+    p.add_argument("--tokenizer", required=True, help="local tokenizer directory or hub id (e.g. Qwen/Qwen3-0.6B)")
+    p.add_argument("--out", required=True, help="output dataset directory (written atomically)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="renderer; default: chat-template when the tokenizer has one")
+    p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto", help="input schema, detected per line")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the tokenizer's")
+    p.add_argument("--template-kwargs", metavar="JSON", default="{}",
+                   help='extra template variables, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--history", choices=HISTORY_POLICIES, default="auto",
+                   help="how to train earlier assistant turns when the template renders them differently from "
+                   "the final turn: auto splits such conversations into one example per turn")
+    p.add_argument("--stop-token", action="append", default=[], metavar="STRING",
+                   help="text that ends an assistant turn (default: the tokenizer's EOS); repeatable")
+    p.add_argument("--response-marker", help="for text records: the string after which the response starts")
+    p.add_argument("--end-marker", help="for text records: the string that ends the response (trained as stop)")
+    p.add_argument("--weighted-mask", action="store_true", help="mypt: apply the default weight profile")
+    p.add_argument("--weight-profile", metavar="JSON_FILE", help="mypt: weight profile overriding the default")
+    p.add_argument("--max-length", type=int, help="maximum tokens per example")
+    p.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="turn",
+                   help="what to do with examples longer than --max-length")
+    p.add_argument("--straddle", choices=STRADDLE_POLICIES, default="include",
+                   help="whether a token straddling a trained span edge is trained")
+    p.add_argument("--special-in-content", choices=SPECIAL_POLICIES, default="reject",
+                   help="special-token strings inside message content")
+    p.add_argument("--val-split", type=float, default=0.05, help="fraction of episodes for the val split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val split")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--on-error", choices=ON_ERROR, default="fail",
+                   help="fail: stop at the first bad line, write nothing; skip: write the rest and rejects.jsonl")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code from the model repo")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args) -> int:
+    from lossmask.mask import MaskOptions
+    from lossmask.prepare import PrepareOptions, prepare
+    from lossmask.render import RenderOptions
+
+    try:
+        template_kwargs = json.loads(args.template_kwargs)
+    except json.JSONDecodeError as exc:
+        raise LossmaskError(f"--template-kwargs is not valid JSON: {exc}") from exc
+    profile = None
+    if args.weight_profile:
+        from lossmask.render.mypt import load_weight_profile
+
+        profile = load_weight_profile(args.weight_profile)
+    render = RenderOptions(
+        format=args.format,
+        history=args.history,
+        stop_tokens=tuple(args.stop_token),
+        template_kwargs=template_kwargs,
+        chat_template=Path(args.chat_template).read_text() if args.chat_template else None,
+        response_marker=args.response_marker,
+        end_marker=args.end_marker,
+        weighted_mask=args.weighted_mask or profile is not None,
+        weight_profile=profile,
+    )
+    options = PrepareOptions(
+        inputs=args.inputs, tokenizer=args.tokenizer, out=args.out, render=render,
+        mask=MaskOptions(args.max_length, args.truncation, args.straddle),
+        input_format=args.input_format, special_in_content=args.special_in_content,
+        val_split=args.val_split, seed=args.seed, workers=args.workers, on_error=args.on_error,
+        force=args.force, trust_remote_code=args.trust_remote_code,
+    )
+    summary = prepare(options, progress=not args.quiet)
+    from lossmask.report import print_prepare_summary
+
+    print_prepare_summary(summary)
+    return 0
+
+
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show tokens coloured by loss weight (terminal or HTML)",
+        description="Show examples of a prepared dataset token by token, coloured by loss weight: trained, "
+        "masked, weighted, padding. --html writes a standalone page with per-token hover.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("dataset", help="prepared dataset directory")
+    p.add_argument("--split", default="train")
+    p.add_argument("--show-samples", type=int, default=3, metavar="N", help="how many examples to show")
+    p.add_argument("--line", type=int, metavar="N", help="show the example(s) from this input line")
+    p.add_argument("--html", metavar="OUT.html", help="write a standalone HTML page instead of printing")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args) -> int:
+    from lossmask.inspect import inspect_dataset
+
+    return inspect_dataset(args.dataset, args.split, args.show_samples, args.line, args.html)
+
+
+def _validate_parser(sub) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check a dataset's integrity and mask direction",
+        description="Checksums, index bounds, mask direction (no trained token in system, user or tool-result "
+        "text; every assistant turn ends with a trained stop token) and tokenizer identity. Exits 1 with a "
+        "report when anything is wrong.",
+    )
+    p.add_argument("dataset", help="prepared dataset directory")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args) -> int:
+    from lossmask.validate import format_report, validate_dataset
+
+    report = validate_dataset(args.dataset)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def _add_tokens_parser(sub) -> None:
+    p = sub.add_parser(
+        "add-tokens",
+        help="add the 19 myPT special tokens to a tokenizer",
+        description="Add the myPT tag tokens to any tokenizer and pad the vocabulary to a multiple of 64 "
+        "(GPT-2: 50257 + 19 -> 50304). Writes a new tokenizer directory.",
+    )
+    p.add_argument("tokenizer", help="local tokenizer directory or hub id")
+    p.add_argument("--out", required=True, help="directory for the extended tokenizer")
+    p.set_defaults(func=cmd_add_tokens)
+
+
+def cmd_add_tokens(args) -> int:
+    from lossmask.mypt_tokens import add_tokens_cli
+
+    result = add_tokens_cli(args.tokenizer, args.out)
+    print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lossmask",
+        description="Exact loss masks for SFT and DPO of causal language models: prepare, inspect, validate, "
+        "train.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"lossmask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _prepare_parser(sub)
+    _inspect_parser(sub)
+    _validate_parser(sub)
+    _add_tokens_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except LossmaskError as exc:
+        print(f"lossmask {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing partial was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

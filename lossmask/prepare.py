@@ -1,0 +1,336 @@
+"""``lossmask prepare``: input files → verified binary dataset, streaming, over ``--workers`` processes.
+
+Episodes are read and parsed in order (sources.read_episodes) and sent in chunks to workers, which
+guard, render and mask them; results come back in input order, so the output does not depend on the
+number of workers. At most a few chunks are in flight, so memory does not grow with the input size. Everything is written into a temporary directory that is renamed into
+place at the end (store.DatasetWriter): a failed run leaves nothing that looks like a dataset.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lossmask.episode import Episode
+from lossmask.errors import EpisodeError, InputProblem, LossmaskError
+from lossmask.example import Example
+from lossmask.mask import Masker, MaskOptions
+from lossmask.render import RenderOptions, Rendered, make_renderer
+from lossmask.special import SpecialStringGuard
+from lossmask.tokenizer import TokenizerInfo, load_tokenizer
+
+ON_ERROR = ("fail", "skip")
+
+
+@dataclass
+class PrepareOptions:
+    inputs: list[str]
+    tokenizer: str
+    out: str
+    render: RenderOptions = field(default_factory=RenderOptions)
+    mask: MaskOptions = field(default_factory=MaskOptions)
+    input_format: str = "auto"
+    special_in_content: str = "reject"
+    val_split: float = 0.05
+    seed: int = 0
+    workers: int = 1
+    on_error: str = "fail"
+    force: bool = False
+    chunk_lines: int = 256  # episodes per unit of work
+    max_line_bytes: int = 64 << 20
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PrepareSummary:
+    out: str
+    lines: int = 0
+    episodes_kept: int = 0
+    examples: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    tokens: int = 0
+    trained_tokens: int = 0
+    straddling_tokens: int = 0
+    truncated: int = 0
+    neutralized_special_strings: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    stop_strings: list[str] = field(default_factory=list)
+    rejects_file: str | None = None
+
+    @property
+    def trained_fraction(self) -> float:
+        return self.trained_tokens / self.tokens if self.tokens else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rejected"] = dict(sorted(self.rejected.items()))
+        d["notes"] = dict(sorted(self.notes.items()))
+        d["trained_fraction"] = round(self.trained_fraction, 6)
+        return d
+
+
+class PrepareFailed(LossmaskError):
+    """``--on-error fail``: the first bad line stops the run before anything is written."""
+
+    def __init__(self, problem: InputProblem):
+        super().__init__(
+            f"{problem}\nNothing was written. Fix the line, or pass --on-error skip to write the rest "
+            "and a rejects file."
+        )
+        self.problem = problem
+
+
+# -- the work done per chunk (in a worker process, or inline) ----------------------------------------
+@dataclass
+class _Result:
+    """What one input episode became: examples, or the problem that rejects it."""
+
+    file_index: int
+    line: int
+    examples: list[Example] = field(default_factory=list)
+    problem: InputProblem | None = None
+    notes: list[str] = field(default_factory=list)
+    neutralized: int = 0
+
+    def reject(self, problem: InputProblem) -> None:
+        """Keep the first problem; an episode with any problem contributes no example."""
+        self.examples = []
+        if self.problem is None:
+            self.problem = problem
+
+
+Item = tuple[int, "Episode | InputProblem"]
+
+
+class _Worker:
+    """Everything one process needs to turn parsed episodes into examples; built once per process."""
+
+    def __init__(self, options: PrepareOptions, tokenizer):
+        self.options = options
+        info = TokenizerInfo.of(tokenizer)
+        self.renderer = make_renderer(tokenizer, info, options.render)
+        self.guard = SpecialStringGuard(info.special_tokens, options.special_in_content)
+        self.masker = Masker(tokenizer, options.mask)
+
+    def run(self, chunk: list[Item]) -> tuple[list[_Result], tuple[str, ...]]:
+        results = []
+        pending: list[tuple[_Result, Rendered]] = []  # masked in one batch
+        for fi, item in chunk:
+            if isinstance(item, InputProblem):
+                result = _Result(fi, item.line)
+                result.reject(item)
+                results.append(result)
+                continue
+            result = _Result(fi, item.source.line)
+            results.append(result)
+            try:
+                episode, result.neutralized = self.guard.apply(item)
+                pending.extend((result, rendered) for rendered in self.renderer.render(episode))
+            except EpisodeError as exc:
+                result.reject(exc.at(item.source.file, item.source.line))
+        masked = self.masker.mask([r for _, r in pending]) if pending else []
+        for (result, rendered), example in zip(pending, masked):
+            if isinstance(example, EpisodeError):
+                result.reject(example.at(rendered.source.file, rendered.source.line))
+            elif result.problem is None:
+                result.examples.append(example)
+                result.notes.extend(rendered.notes)
+        return results, self.renderer.stop_strings
+
+
+_WORKER: _Worker | None = None
+
+
+def _work(chunk):
+    return _WORKER.run(chunk)
+
+
+def _in_val(seed: int, file_index: int, line: int, fraction: float) -> bool:
+    """Split by episode, seeded and stateless, so streaming and any worker count give the same split."""
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}\0{file_index}\0{line}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+def stop_token_ids(tokenizer, stop_strings) -> list[int]:
+    """Ids a trained stop can end with: each stop string's last token, alone and after common text."""
+    ids = set()
+    for s in stop_strings:
+        for prefix in ("", "x", "\n", " "):
+            enc = tokenizer(prefix + s, add_special_tokens=False)["input_ids"]
+            if enc:
+                ids.add(int(enc[-1]))
+    return sorted(ids)
+
+
+# -- the run -------------------------------------------------------------------------------------------
+def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
+    """Run the whole preparation; returns the summary (also stored in dataset_metadata.json)."""
+    global _WORKER
+    from lossmask.store import DatasetWriter
+
+    if options.on_error not in ON_ERROR:
+        raise LossmaskError(f"--on-error must be one of {ON_ERROR}")
+    if not 0 <= options.val_split < 1:
+        raise LossmaskError(f"--val-split must be in [0, 1), got {options.val_split}")
+    for path in options.inputs:
+        if not Path(path).is_file():
+            raise LossmaskError(f"input file {path} does not exist (or is not a file)")
+    tokenizer = load_tokenizer(options.tokenizer, options.trust_remote_code)
+    summary = PrepareSummary(out=options.out)
+    rejects: list[dict] = []
+    stops: tuple[str, ...] = ()
+
+    _WORKER = _Worker(options, tokenizer)
+    pool = None
+    try:
+        chunks = _chunks(_episodes(options), options.chunk_lines)
+        if options.workers > 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            pool = multiprocessing.get_context("fork").Pool(options.workers)
+            results = _bounded_imap(pool, chunks, window=2 * options.workers)
+        else:
+            results = map(_work, chunks)
+        with DatasetWriter(options.out, tokenizer, force=options.force, inputs=options.inputs) as writer, \
+                _progress(progress) as bar:
+            for chunk_results, stops in results:
+                for r in chunk_results:
+                    summary.lines += 1
+                    summary.neutralized_special_strings += r.neutralized
+                    if r.problem is not None:
+                        if options.on_error == "fail":
+                            raise PrepareFailed(r.problem)
+                        summary.rejected[r.problem.reason] += 1
+                        rejects.append(r.problem.to_dict())
+                        continue
+                    summary.episodes_kept += 1
+                    summary.notes.update(r.notes)
+                    split = "val" if _in_val(options.seed, r.file_index, r.line, options.val_split) else "train"
+                    for ex in r.examples:
+                        writer.add(split, ex)
+                        summary.examples[split] += 1
+                        summary.tokens += len(ex)
+                        summary.trained_tokens += ex.trained_tokens
+                        summary.straddling_tokens += ex.straddling
+                        summary.truncated += int(ex.truncated)
+                bar(summary)
+            if summary.episodes_kept == 0:
+                raise LossmaskError(
+                    f"no episode was kept from {summary.lines} input episodes"
+                    + (f" (rejected: {dict(summary.rejected)})" if summary.rejected else "")
+                )
+            summary.stop_strings = list(stops)
+            if rejects:
+                summary.rejects_file = str(Path(options.out) / "rejects.jsonl")
+                writer.add_file("rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                         for r in _with_text(rejects)))
+            writer.close(_metadata(options, summary, tokenizer))
+    finally:
+        if pool is not None:
+            pool.terminate()
+        _WORKER = None
+    return summary
+
+
+def _bounded_imap(pool, chunks: Iterator[list[Item]], window: int):
+    """Pool.imap without its eager feeder: at most ``window`` chunks in flight, results in order."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_work, (chunk,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _episodes(options: PrepareOptions) -> Iterator[Item]:
+    from lossmask.sources import read_episodes
+
+    for fi, path in enumerate(options.inputs):
+        for item in read_episodes(path, options.input_format, options.max_line_bytes):
+            yield fi, item
+
+
+def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _with_text(rejects: list[dict], limit: int = 1 << 20) -> list[dict]:
+    """Attach each rejected line's text (up to ``limit`` bytes), read back in one pass per file."""
+    wanted: dict[str, set[int]] = {}
+    for r in rejects:
+        wanted.setdefault(r["file"], set()).add(r["line"])
+    texts: dict[tuple[str, int], str] = {}
+    for name, lines in wanted.items():
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(name, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if number in lines:
+                    texts[name, number] = raw[:limit].decode("utf-8", errors="replace").rstrip("\n")
+                    if len(texts) == sum(len(v) for v in wanted.values()):
+                        break
+    return [{**r, "text": texts.get((r["file"], r["line"]))} for r in rejects]
+
+
+def _metadata(options: PrepareOptions, summary: PrepareSummary, tokenizer) -> dict:
+    from lossmask.store import sha256_file
+
+    return {
+        "kind": "sft",
+        "inputs": [{"path": p, "sha256": sha256_file(Path(p)), "bytes": Path(p).stat().st_size} for p in options.inputs],
+        "render": options.render.to_dict(),
+        "mask": asdict(options.mask),
+        "input_format": options.input_format,
+        "special_in_content": options.special_in_content,
+        "val_split": options.val_split,
+        "seed": options.seed,
+        "stop_strings": summary.stop_strings,
+        "stop_token_ids": stop_token_ids(tokenizer, summary.stop_strings),
+        "summary": summary.to_dict() | {"out": None},
+    }
+
+
+class _progress:
+    """A rich progress display of episodes processed (a no-op when disabled), as a context manager."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("[bold]prepare"), TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(), transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("prepare", total=None, status="")
+        return self.update
+
+    def update(self, summary: PrepareSummary) -> None:
+        if self.enabled:
+            self.progress.update(
+                self.task,
+                status=f"{summary.lines:,} episodes read, {summary.episodes_kept:,} kept, "
+                f"{sum(summary.rejected.values()):,} rejected, {summary.tokens:,} tokens",
+            )
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.stop()
+        return False
