@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class Masker:
     def _one(self, r: Rendered, ids_list: list[int], offsets: list[tuple[int, int]]) -> Example:
         n = len(ids_list)
         ids = np.array(ids_list, dtype=np.uint32)
-        offs = np.array(offsets, dtype=np.int64).reshape(n, 2)
+        offs = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(n, 2)
         starts, ends = offs[:, 0], offs[:, 1]
         char_labels = np.full(len(r.text) + 1, Label.TEMPLATE, dtype=np.uint8)
         for s in r.spans:
@@ -87,8 +88,8 @@ class Masker:
         straddling = 0
         ranges: list[tuple[int, int]] = []  # token ranges of trained spans, merged, for one decode
         for span in r.trained_spans:
-            lo = int(np.searchsorted(ends, span.start, side="right"))
-            hi = int(np.searchsorted(starts, span.end, side="left"))
+            lo = int(ends.searchsorted(span.start, side="right"))
+            hi = int(starts.searchsorted(span.end, side="left"))
             if hi <= lo:
                 raise EpisodeError("verify_failed", f"trained text {r.text[span.start:span.end]!r} maps to no token")
             head_out, tail_out = bool(starts[lo] < span.start), bool(ends[hi - 1] > span.end)

@@ -1,0 +1,274 @@
+"""The format-lock gate: does a model answer held-out prompts in the myPT format and then stop?
+
+Each held-out record is rendered by ``MyptRenderer`` without its final assistant message, followed by
+the opening ``<myPT_assistant>`` tag: exactly the text the model saw before its answer in training.
+The model generates greedily, up to ``max_new_tokens``, stopping at ``<myPT_eot>``.
+
+A prompt passes when, within ``max_new_tokens`` generated tokens:
+
+- the generation contains ``<myPT_eot>`` (else ``no_eot``),
+- directly after ``</myPT_assistant>`` (else ``not_closed``),
+- the answer holds no special token: no second ``<myPT_assistant>``, no ``<myPT_user>``, no other tag,
+  no pad (else ``runaway``),
+- nothing but padding follows ``<myPT_eot>`` (else ``after_eot``),
+- and the answer before ``</myPT_assistant>`` is not blank (else ``empty_answer``: a model that closes
+  every turn at once has not learnt to answer).
+
+Exact match (the stripped answer equals the record's stripped answer) is a secondary metric, counted only
+for passing prompts. ``passes`` requires the threshold overall and in every language, so one language
+cannot carry another.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lossmask.episode import Conversation, Source
+from lossmask.errors import LossmaskError
+from lossmask.render.mypt import MyptRenderer
+from lossmask.sources import parse_record
+from lossmask.tokenizer import TokenizerInfo
+
+OPEN = "<myPT_assistant>"
+CLOSE = "</myPT_assistant>"
+EOT = "<myPT_eot>"
+
+
+@dataclass
+class Tally:
+    """Counts for one language (or all prompts)."""
+
+    total: int = 0
+    passed: int = 0
+    exact: int = 0
+
+    @property
+    def pass_rate(self) -> float:
+        return self.passed / self.total if self.total else 0.0
+
+    @property
+    def exact_match_rate(self) -> float:
+        return self.exact / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class GateSample:
+    """One prompt's outcome; ``generation`` is decoded with its special tokens, ``reason`` None on a pass."""
+
+    language: str
+    prompt: str
+    expected: str
+    generation: str
+    passed: bool
+    exact: bool
+    reason: str | None
+
+
+@dataclass
+class GateResult:
+    """The gate's outcome over all prompts; ``samples`` are the first prompts' rows, in prompt order."""
+
+    pass_rate: float
+    passed: int
+    total: int
+    per_language: dict[str, Tally]
+    exact_match_rate: float
+    samples: list[GateSample]
+    failures: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    text: str
+    question: str
+    expected: str
+    language: str
+
+
+def render_prompt(conversation: Conversation, info: TokenizerInfo) -> str:
+    """The myPT text before the assistant's answer: the rendered conversation plus ``<myPT_assistant>``.
+
+    ``conversation`` must not contain the answer; the renderer writes every other part of the layout.
+    """
+    rendered = MyptRenderer(info).render(conversation)
+    return rendered[0].text + OPEN
+
+
+def format_lock_gate(
+    model,
+    tokenizer,
+    prompts: list[dict],
+    max_new_tokens: int = 20,
+    batch_size: int = 32,
+    n_samples: int = 8,
+) -> GateResult:
+    """Generate greedily for every prompt record and check the myPT turn ending (see module docstring)."""
+    if not prompts:
+        raise LossmaskError("the format-lock gate needs at least one held-out prompt")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise LossmaskError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+    info = TokenizerInfo.of(tokenizer)
+    items = [_prompt(record, i, info) for i, record in enumerate(prompts)]
+    ids = _tag_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[EOT]
+    special = {int(i) for i, t in tokenizer.backend_tokenizer.get_added_tokens_decoder().items() if t.special}
+    encoded = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in items]
+    generated = _generate(model, encoded, ids[EOT], pad_id, max_new_tokens, batch_size)
+    overall = Tally()
+    per_language: dict[str, Tally] = {}
+    failures: dict[str, int] = {}
+    samples = []
+    for item, new in zip(items, generated):
+        new = new[:max_new_tokens]
+        reason, answer_ids = judge(new, ids[CLOSE], ids[EOT], pad_id, special)
+        answer = tokenizer.decode(answer_ids).strip()
+        if reason is None and not answer:
+            reason = "empty_answer"
+        exact = reason is None and answer == item.expected.strip()
+        for tally in (overall, per_language.setdefault(item.language, Tally())):
+            tally.total += 1
+            tally.passed += reason is None
+            tally.exact += exact
+        if reason is not None:
+            failures[reason] = failures.get(reason, 0) + 1
+        if len(samples) < n_samples:
+            while new and new[-1] == pad_id != ids[EOT]:  # the batch's padding, not the model's text
+                new = new[:-1]
+            generation = tokenizer.decode(new, skip_special_tokens=False)
+            passed = reason is None
+            samples.append(GateSample(item.language, item.question, item.expected, generation, passed, exact, reason))
+    return GateResult(
+        pass_rate=overall.pass_rate,
+        passed=overall.passed,
+        total=overall.total,
+        per_language=dict(sorted(per_language.items())),
+        exact_match_rate=overall.exact_match_rate,
+        samples=samples,
+        failures=dict(sorted(failures.items())),
+    )
+
+
+def _generate(
+    model, encoded: list[list[int]], eot_id: int, pad_id: int, max_new_tokens: int, batch_size: int
+) -> list[list[int]]:
+    """Greedy new tokens per prompt, in prompt order; batched by length with left padding, in eval mode."""
+    import torch
+
+    generated: list[list[int]] = [[] for _ in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    device = getattr(model, "device", torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                input_ids, attention = _left_pad([encoded[i] for i in batch], pad_id, device)
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eot_id,
+                    pad_token_id=pad_id,
+                )
+                for row, i in enumerate(batch):
+                    generated[i] = out[row, input_ids.shape[1] :].tolist()
+    finally:
+        model.train(was_training)
+    return generated
+
+
+def judge(new: list[int], close_id: int, eot_id: int, pad_id: int, special: set[int]) -> tuple[str | None, list[int]]:
+    """(reason the generation fails or None, the answer's token ids) for one generation's new tokens.
+
+    The format only: a blank answer is judged by the caller, which decodes it.
+    """
+    if eot_id not in new:
+        return "no_eot", new
+    end = new.index(eot_id)
+    if end == 0 or new[end - 1] != close_id:
+        return "not_closed", new[:end]
+    answer = new[: end - 1]
+    if any(t in special for t in answer):
+        return "runaway", answer
+    if any(t != pad_id for t in new[end + 1 :]):
+        return "after_eot", answer
+    return None, answer
+
+
+def _prompt(record: dict, index: int, info: TokenizerInfo) -> _Prompt:
+    """Parse a held-out record and split off its final assistant message (the expected answer)."""
+    episode = parse_record(record, Source("held-out prompts", index + 1))
+    if not isinstance(episode, Conversation) or episode.messages[-1].role != "assistant":
+        raise LossmaskError(
+            f"held-out prompt {index + 1}: expected a conversation ending with the assistant's answer "
+            "(native schema: system, messages [user, assistant]); the gate compares against that answer"
+        )
+    *before, answer = episode.messages
+    if not before or before[-1].role != "user":
+        raise LossmaskError(f"held-out prompt {index + 1}: the answer must follow a user message")
+    meta = episode.meta.get("_meta")
+    language = episode.language or (meta.get("language") if isinstance(meta, dict) else None) or "unknown"
+    prompt = Conversation(tuple(before), episode.source, episode.system, episode.language)
+    return _Prompt(render_prompt(prompt, info), before[-1].content, answer.content, language)
+
+
+def _tag_ids(tokenizer) -> dict[str, int]:
+    ids = {}
+    for tag in (CLOSE, EOT):
+        encoded = tokenizer.encode(tag, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise LossmaskError(
+                f"tokenizer has no single token for {tag}; add the myPT tokens first (lossmask add-tokens)"
+            )
+        ids[tag] = encoded[0]
+    return ids
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device):
+    """Left padding, so every row's last prompt token sits at the end where generation continues."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        if r:
+            input_ids[k, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            attention[k, width - len(r) :] = 1
+    return input_ids.to(device), attention.to(device)
+
+
+def passes(result: GateResult, threshold: float = 0.9) -> bool:
+    """Whether the gate is passed: ``threshold`` reached overall and in every language."""
+    if result.total == 0:
+        return False
+    return result.pass_rate >= threshold and all(t.pass_rate >= threshold for t in result.per_language.values())
+
+
+def print_gate(result: GateResult, console=None) -> None:
+    """The gate's outcome as rich tables: per language, then the first samples."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="format-lock gate")
+    for column in ("language", "passed", "total", "pass rate", "exact match"):
+        table.add_column(column, justify="left" if column == "language" else "right")
+    rows = [(lang, t.passed, t.total, t.pass_rate, t.exact_match_rate) for lang, t in result.per_language.items()]
+    rows.append(("all", result.passed, result.total, result.pass_rate, result.exact_match_rate))
+    for name, passed, total, rate, exact in rows:
+        style = "bold" if name == "all" else None
+        table.add_row(name, str(passed), str(total), f"{rate:.1%}", f"{exact:.1%}", style=style)
+    console.print(table)
+    if result.failures:
+        console.print("failures: " + ", ".join(f"{reason} {count}" for reason, count in result.failures.items()))
+    if result.samples:
+        samples = Table(title="samples")
+        for column in ("lang", "prompt", "expected", "generation", "result"):
+            samples.add_column(column, overflow="fold")
+        for s in result.samples:
+            verdict = ("[green]pass[/]" + (" (exact)" if s.exact else "")) if s.passed else f"[red]{s.reason}[/]"
+            samples.add_row(s.language, escape(s.prompt), escape(s.expected), escape(s.generation), verdict)
+        console.print(samples)
