@@ -1,0 +1,27 @@
+"""SFT training of causal LMs on lossmask datasets (HF models through accelerate).
+
+The CLI calls ``run_training(TrainArgs(...))``; ``load_config`` reads the config file, ``merge_adapter``
+folds a LoRA adapter into its base and ``generate`` gives a quick look at a checkpoint.
+"""
+
+from lossmask.train.args import TrainArgs, TrainResult
+from lossmask.train.config import TrainConfig, config_from_dict, load_config, parse_overrides
+from lossmask.train.generate import generate
+from lossmask.train.loop import run_training
+from lossmask.train.lora import LoraSpec, merge_adapter, parse_lora
+from lossmask.train.models import PRESETS
+
+__all__ = [
+    "PRESETS",
+    "LoraSpec",
+    "TrainArgs",
+    "TrainConfig",
+    "TrainResult",
+    "config_from_dict",
+    "generate",
+    "load_config",
+    "merge_adapter",
+    "parse_lora",
+    "parse_overrides",
+    "run_training",
+]
