@@ -58,6 +58,11 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--on-error", choices=ON_ERROR, default="fail",
                    help="fail: stop at the first bad line, write nothing; skip: write the rest and rejects.jsonl")
+    p.add_argument("--pack", type=int, metavar="BLOCK",
+                   help="pack episodes into blocks of BLOCK tokens (best-fit decreasing, isolated by segment); "
+                   "--max-length defaults to BLOCK")
+    p.add_argument("--pack-by-field", metavar="FIELD",
+                   help="with --pack: only episodes with the same value of FIELD (e.g. _meta.operator) share a block")
     p.add_argument("--force", action="store_true", help="replace an existing dataset")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code from the model repo")
@@ -94,8 +99,11 @@ def cmd_prepare(args) -> int:
         mask=MaskOptions(args.max_length, args.truncation, args.straddle),
         input_format=args.input_format, special_in_content=args.special_in_content,
         val_split=args.val_split, seed=args.seed, workers=args.workers, on_error=args.on_error,
-        force=args.force, trust_remote_code=args.trust_remote_code,
+        force=args.force, trust_remote_code=args.trust_remote_code, pack=args.pack,
+        pack_by_field=args.pack_by_field,
     )
+    if args.pack_by_field and not args.pack:
+        raise LossmaskError("--pack-by-field needs --pack BLOCK")
     summary = prepare(options, progress=not args.quiet)
     from lossmask.report import print_prepare_summary
 
@@ -154,15 +162,147 @@ def _add_tokens_parser(sub) -> None:
     )
     p.add_argument("tokenizer", help="local tokenizer directory or hub id")
     p.add_argument("--out", required=True, help="directory for the extended tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     p.set_defaults(func=cmd_add_tokens)
 
 
 def cmd_add_tokens(args) -> int:
     from lossmask.mypt_tokens import add_tokens_cli
 
-    result = add_tokens_cli(args.tokenizer, args.out)
-    print(result)
+    result = add_tokens_cli(args.tokenizer, args.out, overwrite=args.overwrite)
+    print(f"vocabulary {result.before} → {result.after} tokens (19 myPT tags, padded to a multiple of 64); "
+          f"wrote {result.out_dir}\nresize the model's embeddings to {result.after} before training")
     return 0
+
+
+def _pack_parser(sub) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="pack a prepared dataset into fixed-size blocks",
+        description="Best-fit-decreasing packing over each whole split: episodes are never split across blocks, "
+        "blocks are padded only at the end, and each block carries segment ids and position ids that restart "
+        "per episode, so packed episodes neither attend to nor predict each other.",
+    )
+    p.add_argument("dataset", help="prepared (unpacked) dataset directory")
+    p.add_argument("--block", type=int, required=True, help="block size in tokens")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_pack)
+
+
+def cmd_pack(args) -> int:
+    from lossmask.pack import pack_dataset
+
+    print(pack_dataset(args.dataset, args.out, args.block, force=args.force).summary())
+    return 0
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="SFT on a prepared dataset (any AutoModelForCausalLM, or a preset built from scratch)",
+        description="Train with the weighted, masked loss normalised over the whole accumulation window and "
+        "across processes. Runs under `accelerate launch` / `torchrun` unchanged (DDP, FSDP). Writes Hugging Face "
+        "checkpoints (safetensors), metrics.jsonl and loss.png to OUT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="prepared dataset directory (packed or not)")
+    p.add_argument("--model", required=True,
+                   help="hub id, local HF model directory, or a preset: tiny (CPU), mypt-750m")
+    p.add_argument("--config", help="JSON or YAML config (see configs/train/tiny.yaml); unknown keys are errors")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--init-from", metavar="CKPT", help="start from these weights (fresh optimizer and schedule)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue exactly from the newest checkpoint in OUT (or from CKPT)")
+    p.add_argument("--lora", metavar="SPEC", help="LoRA through peft, e.g. r=16,alpha=32,targets=q_proj,v_proj")
+    p.add_argument("--quantize", choices=("4bit", "8bit"), help="quantized base for LoRA (CUDA + bitsandbytes)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N optimizer windows (checkpointed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from lossmask.train import TrainArgs, load_config, parse_overrides, run_training
+
+    config = load_config(args.config, parse_overrides(args.set))
+    result = run_training(TrainArgs(
+        model=args.model, data=args.data, out=args.out, config=config, init_from=args.init_from,
+        resume=args.resume, overwrite=args.overwrite, lora=args.lora, quantize=args.quantize,
+        stop_after=args.stop_after, progress=not args.quiet,
+    ))
+    losses = f"val loss {result.initial_val_loss:.4f} → {result.val_loss:.4f}" \
+        if result.initial_val_loss is not None and result.val_loss is not None else \
+        f"train loss {result.train_loss}"
+    print(f"{'finished' if result.finished else 'stopped'} after {result.iterations}/{result.max_iters} windows "
+          f"({result.optimizer_steps} optimizer steps, {result.skipped_windows} skipped), {losses}, "
+          f"{result.trained_tokens:,} trained tokens\ncheckpoint: {result.final_dir}\nmetrics: {result.metrics_path}"
+          + (f"\nloss plot: {result.loss_plot}" if result.loss_plot else ""))
+    return 0
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate from a checkpoint, stopping on the renderer's stop strings",
+        description="A quick look at a checkpoint: a raw text prompt (tokenized as written) or a conversation "
+        "(--messages, rendered with the chat template); stops on EOS and the training data's stop strings.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="raw text prompt")
+    group.add_argument("--messages", metavar="FILE.json", help="a JSON list of {role, content} messages")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--stop", action="append", metavar="STRING", help="stop string (default: the dataset's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from lossmask.train import generate
+
+    prompt = json.loads(Path(args.messages).read_text()) if args.messages else args.prompt
+    print(generate(args.model, prompt, args.max_new_tokens, args.stop, args.temperature))
+    return 0
+
+
+def _merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model",
+                       description="Write a plain Hugging Face model directory with the adapter merged in.")
+    p.add_argument("adapter", help="adapter checkpoint directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args) -> int:
+    from lossmask.train import merge_adapter
+
+    print(f"merged model: {merge_adapter(args.adapter, args.out)}")
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    from lossmask.demo import DEFAULT_OUT
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole system in minutes on a CPU: data, tokenizer, masks, packing, training, gate",
+        description="Generate format-lock data (EN/DE), build a tiny BPE tokenizer with the myPT tokens, prepare "
+        "with weighted masks and packing, train the tiny Llama preset from scratch on the CPU, and gate it on "
+        "held-out prompts. Writes OUT/demo_report.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (a previous demo there is replaced)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from lossmask.demo import run_demo
+
+    report = run_demo(args.out, seed=args.seed)
+    return 0 if report["gate_passed"] else 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect_parser(sub)
     _validate_parser(sub)
     _add_tokens_parser(sub)
+    _pack_parser(sub)
+    _train_parser(sub)
+    _generate_parser(sub)
+    _merge_parser(sub)
+    _demo_parser(sub)
     return parser
 
 

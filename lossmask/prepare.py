@@ -12,9 +12,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lossmask.episode import Episode
@@ -44,6 +45,8 @@ class PrepareOptions:
     force: bool = False
     chunk_lines: int = 256  # episodes per unit of work
     max_line_bytes: int = 64 << 20
+    pack: int | None = None  # block size: pack the prepared episodes (best-fit decreasing) into blocks
+    pack_by_field: str | None = None  # e.g. "_meta.operator": only episodes with equal values share a block
     trust_remote_code: bool = False
 
 
@@ -62,6 +65,7 @@ class PrepareSummary:
     notes: Counter = field(default_factory=Counter)
     stop_strings: list[str] = field(default_factory=list)
     rejects_file: str | None = None
+    packing: dict | None = None  # pack.PackReport.to_dict() with --pack
 
     @property
     def trained_fraction(self) -> float:
@@ -97,6 +101,7 @@ class _Result:
     problem: InputProblem | None = None
     notes: list[str] = field(default_factory=list)
     neutralized: int = 0
+    group: str | None = None  # the --pack-by-field value
 
     def reject(self, problem: InputProblem) -> None:
         """Keep the first problem; an episode with any problem contributes no example."""
@@ -129,6 +134,8 @@ class _Worker:
                 continue
             result = _Result(fi, item.source.line)
             results.append(result)
+            if self.options.pack_by_field:
+                result.group = _field_value(item, self.options.pack_by_field)
             try:
                 episode, result.neutralized = self.guard.apply(item)
                 pending.extend((result, rendered) for rendered in self.renderer.render(episode))
@@ -142,6 +149,16 @@ class _Worker:
                 result.examples.append(example)
                 result.notes.extend(rendered.notes)
         return results, self.renderer.stop_strings
+
+
+def _field_value(episode: Episode, dotted: str) -> str | None:
+    """The value at a dotted path of the episode's extra fields (``_meta.operator``), as a grouping key."""
+    value = episode.meta
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return json.dumps(value, sort_keys=True)
 
 
 _WORKER: _Worker | None = None
@@ -172,7 +189,33 @@ def stop_token_ids(tokenizer, stop_strings) -> list[int]:
 
 # -- the run -------------------------------------------------------------------------------------------
 def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
-    """Run the whole preparation; returns the summary (also stored in dataset_metadata.json)."""
+    """Run the whole preparation; returns the summary (also stored in dataset_metadata.json).
+
+    With ``pack``, episodes are prepared into a temporary unpacked dataset (``max_length`` defaults to
+    the block size, so the truncation policy applies) and packed from it into ``out``.
+    """
+    if not options.pack:
+        return _prepare(options, progress)[0]
+    from lossmask.pack import pack_dataset
+
+    if options.pack < 2:
+        raise LossmaskError(f"--pack must be a block size of at least 2 tokens, got {options.pack}")
+    out = Path(options.out)
+    if out.exists() and not options.force:
+        raise LossmaskError(f"{out} already exists; pass --force to replace it")
+    staging = out.parent / f".{out.name}.unpacked-{os.getpid()}"
+    mask = options.mask if options.mask.max_length else replace(options.mask, max_length=options.pack)
+    try:
+        summary, groups = _prepare(replace(options, out=str(staging), mask=mask, force=True), progress)
+        summary.out = options.out
+        report = pack_dataset(staging, out, options.pack, group_keys=groups, force=options.force)
+        summary.packing = {"block_size": options.pack, "splits": {n: s.to_dict() for n, s in report.splits.items()}}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _prepare(options: PrepareOptions, progress: bool) -> tuple[PrepareSummary, dict[str, list] | None]:
     global _WORKER
     from lossmask.store import DatasetWriter
 
@@ -187,6 +230,7 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
     summary = PrepareSummary(out=options.out)
     rejects: list[dict] = []
     stops: tuple[str, ...] = ()
+    groups: dict[str, list] | None = {"train": [], "val": []} if options.pack_by_field else None
 
     _WORKER = _Worker(options, tokenizer)
     pool = None
@@ -215,6 +259,8 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
                     split = "val" if _in_val(options.seed, r.file_index, r.line, options.val_split) else "train"
                     for ex in r.examples:
                         writer.add(split, ex)
+                        if groups is not None:
+                            groups[split].append(r.group)
                         summary.examples[split] += 1
                         summary.tokens += len(ex)
                         summary.trained_tokens += ex.trained_tokens
@@ -236,7 +282,7 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
         if pool is not None:
             pool.terminate()
         _WORKER = None
-    return summary
+    return summary, groups
 
 
 def _bounded_imap(pool, chunks: Iterator[list[Item]], window: int):

@@ -37,6 +37,14 @@ def print_prepare_summary(summary: PrepareSummary, console: Console | None = Non
     if summary.neutralized_special_strings:
         table.add_row("special-token strings neutralized", f"{summary.neutralized_special_strings:,}")
     table.add_row("stop strings", ", ".join(repr(s) for s in summary.stop_strings))
+    if summary.packing:
+        for name, split in summary.packing["splits"].items():
+            table.add_row(
+                f"packed {name} (block {summary.packing['block_size']})",
+                f"{split['blocks']:,} blocks, {split['efficiency']:.2%} full",
+            )
+            if split["skipped_too_long"]:
+                table.add_row(f"  {name}: longer than the block, not packed", f"{split['skipped_too_long']:,}")
     console.print(table)
     for note, n in sorted(summary.notes.items()):
         console.print(f"[yellow]note:[/] {n:,} × {NOTE_TEXT.get(note, note)}")

@@ -126,7 +126,8 @@ def test_checkpoint_loads_with_plain_transformers(tmp_path, tok_dir):
     train_lines = [r for r in records if "loss" in r]
     assert [r["iter"] for r in train_lines] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train_lines)
-    assert [r["iter"] for r in records if "val_loss" in r] == [2, 4]
+    assert [r["iter"] for r in records if "val_loss" in r] == [0, 2, 4]  # iteration 0: the untrained baseline
+    assert records[0]["val_loss"] == result.initial_val_loss and result.initial_val_loss > result.val_loss
     assert result.loss_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((final / "lossmask_train.json").read_text())
     assert info["config"]["max_iters"] == 4 and info["model"] == "tiny"

@@ -46,6 +46,7 @@ class TrainResult:
     optimizer_steps: int
     skipped_windows: int  # windows with no trained token: no optimizer step
     train_loss: float | None  # the last window's loss
+    initial_val_loss: float | None  # before the first step (fresh runs with a val split)
     val_loss: float | None
     tokens: int  # non-padding tokens seen
     trained_tokens: int

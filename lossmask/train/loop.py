@@ -144,6 +144,10 @@ class _Run:
         stopped = False
         warned = self.counters["truncated"] > 0
         clock, tokens_at_clock = time.perf_counter(), self.counters["tokens"]
+        initial_val_loss = None
+        if self.val_ds and start == 0:  # the untrained model's loss: the baseline every report compares with
+            initial_val_loss = self.evaluate()
+            self.log.write({"iter": 0, "val_loss": initial_val_loss})
         bar = progress_bar(self.is_main and self.args.progress)
         with bar:
             task = bar.add_task("train", total=self.max_iters, completed=start, loss="-", lr="-", tps="-", trained="-")
@@ -196,6 +200,7 @@ class _Run:
             optimizer_steps=self.counters["optimizer_steps"],
             skipped_windows=self.counters["skipped_windows"],
             train_loss=train_loss,
+            initial_val_loss=initial_val_loss,
             val_loss=val_loss,
             tokens=self.counters["tokens"],
             trained_tokens=self.counters["trained_tokens"],
