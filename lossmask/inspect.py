@@ -28,7 +28,11 @@ def inspect_dataset(path: str, split: str = "train", samples: int = 3, line: int
         rows = token_rows(item["input_ids"], item["loss_mask"], item["labels"], tokenizer)
         episodes.append((f"{split}[{i}] ← {_where(item)}", rows))
     if html:
-        summary = {k: v for k, v in ds.metadata.get("summary", {}).items() if not isinstance(v, (dict, list))}
+        summary = {k: v for k, v in ds.metadata.get("summary", {}).items()
+                   if v is not None and not isinstance(v, (dict, list))}
+        packing = ds.metadata.get("packing", {}).get("splits", {}).get(split)
+        if packing:
+            summary["packing"] = f"block {ds.metadata['packing']['block_size']}, {packing['efficiency']:.2%} full"
         write_html(html, html_page(episodes, f"lossmask inspect {path}", summary))
         Console().print(f"wrote {html} ({len(episodes)} examples)")
         return 0

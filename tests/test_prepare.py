@@ -178,3 +178,13 @@ def test_cli_bad_input_names_file_and_line(tmp_path, capsys):
                  "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and f"{data}:2" in err and "robot" in err
+
+
+def test_template_that_raises_names_the_line_and_its_message(tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [chat(0), {"messages": [
+        {"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}])
+    with pytest.raises(PrepareFailed) as err:
+        prepare(PrepareOptions([str(data)], str(tokenizer_dir("gemma3")), str(tmp_path / "ds"), val_split=0),
+                progress=False)
+    assert err.value.problem.line == 2 and err.value.problem.reason == "template_error"
+    assert f"{data}:2" in str(err.value) and "Conversation roles must alternate" in str(err.value)
