@@ -18,11 +18,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from lossmask.episode import Episode
 from lossmask.errors import EpisodeError, InputProblem, LossmaskError
 from lossmask.example import Example
 from lossmask.mask import Masker, MaskOptions
-from lossmask.render import RenderOptions, Rendered, make_renderer
+from lossmask.render import Label, RenderOptions, Rendered, make_renderer
 from lossmask.special import SpecialStringGuard
 from lossmask.tokenizer import TokenizerInfo, load_tokenizer
 
@@ -102,6 +104,7 @@ class _Result:
     notes: list[str] = field(default_factory=list)
     neutralized: int = 0
     group: str | None = None  # the --pack-by-field value
+    stop_ids: set[int] = field(default_factory=set)  # ids that end a trained turn, see stop_token_ids
 
     def reject(self, problem: InputProblem) -> None:
         """Keep the first problem; an episode with any problem contributes no example."""
@@ -148,7 +151,15 @@ class _Worker:
             elif result.problem is None:
                 result.examples.append(example)
                 result.notes.extend(rendered.notes)
+                result.stop_ids.update(_turn_end_ids(example))
         return results, self.renderer.stop_strings
+
+
+def _turn_end_ids(example: Example) -> set[int]:
+    """Ids of the last token of every trained stop (label STOP), as the store will hold them."""
+    stop = (example.labels == Label.STOP) & (example.weights > 0)
+    ends = stop & ~np.append(stop[1:], False)
+    return set(example.input_ids[ends].tolist())
 
 
 def _field_value(episode: Episode, dotted: str) -> str | None:
@@ -176,14 +187,24 @@ def _in_val(seed: int, file_index: int, line: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
-def stop_token_ids(tokenizer, stop_strings) -> list[int]:
-    """Ids a trained stop can end with: each stop string's last token, alone and after common text."""
+def stop_token_ids(tokenizer, stop_strings, observed: set[int] = frozenset()) -> list[int]:
+    """Ids a trained stop may end with, for ``validate``.
+
+    Each stop string's last token (alone and after common text), plus the ids seen ending a stop in the
+    data whose text is the end of a stop string (a stop that is not one token, like ``\nEND``, can end
+    in a token that only exists in context). An id whose text ends no stop string is never accepted.
+    """
+    stops = [s for s in (*stop_strings, tokenizer.eos_token) if s]
     ids = set()
-    for s in stop_strings:
+    for s in stops:
         for prefix in ("", "x", "\n", " "):
             enc = tokenizer(prefix + s, add_special_tokens=False)["input_ids"]
             if enc:
                 ids.add(int(enc[-1]))
+    for i in observed - ids:
+        text = tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
+        if text and any(s.endswith(text) for s in stops):
+            ids.add(i)
     return sorted(ids)
 
 
@@ -231,6 +252,7 @@ def _prepare(options: PrepareOptions, progress: bool) -> tuple[PrepareSummary, d
     rejects: list[dict] = []
     stops: tuple[str, ...] = ()
     groups: dict[str, list] | None = {"train": [], "val": []} if options.pack_by_field else None
+    observed_stops: set[int] = set()
 
     _WORKER = _Worker(options, tokenizer)
     pool = None
@@ -256,6 +278,7 @@ def _prepare(options: PrepareOptions, progress: bool) -> tuple[PrepareSummary, d
                         continue
                     summary.episodes_kept += 1
                     summary.notes.update(r.notes)
+                    observed_stops |= r.stop_ids
                     split = "val" if _in_val(options.seed, r.file_index, r.line, options.val_split) else "train"
                     for ex in r.examples:
                         writer.add(split, ex)
@@ -277,7 +300,7 @@ def _prepare(options: PrepareOptions, progress: bool) -> tuple[PrepareSummary, d
                 summary.rejects_file = str(Path(options.out) / "rejects.jsonl")
                 writer.add_file("rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                          for r in _with_text(rejects)))
-            writer.close(_metadata(options, summary, tokenizer))
+            writer.close(_metadata(options, summary, tokenizer, observed_stops))
     finally:
         if pool is not None:
             pool.terminate()
@@ -332,7 +355,7 @@ def _with_text(rejects: list[dict], limit: int = 1 << 20) -> list[dict]:
     return [{**r, "text": texts.get((r["file"], r["line"]))} for r in rejects]
 
 
-def _metadata(options: PrepareOptions, summary: PrepareSummary, tokenizer) -> dict:
+def _metadata(options: PrepareOptions, summary: PrepareSummary, tokenizer, observed_stops: set[int]) -> dict:
     from lossmask.store import sha256_file
 
     return {
@@ -345,7 +368,7 @@ def _metadata(options: PrepareOptions, summary: PrepareSummary, tokenizer) -> di
         "val_split": options.val_split,
         "seed": options.seed,
         "stop_strings": summary.stop_strings,
-        "stop_token_ids": stop_token_ids(tokenizer, summary.stop_strings),
+        "stop_token_ids": stop_token_ids(tokenizer, summary.stop_strings, observed_stops),
         "summary": summary.to_dict() | {"out": None},
     }
 

@@ -188,3 +188,17 @@ def test_template_that_raises_names_the_line_and_its_message(tmp_path):
                 progress=False)
     assert err.value.problem.line == 2 and err.value.problem.reason == "template_error"
     assert f"{data}:2" in str(err.value) and "Conversation roles must alternate" in str(err.value)
+
+
+def test_mypt_without_added_tokens_and_text_pairs_validate(tmp_path):
+    """Multi-token stops (tags not added to the vocabulary) and EOS after a completion pass validate."""
+    from lossmask.validate import validate_dataset
+
+    data = write_jsonl(tmp_path / "in.jsonl", [chat(0), {"prompt": "Q: sky?\nA:", "completion": " blue"}])
+    out = tmp_path / "ds"
+    prepare(PrepareOptions([str(data)], str(tokenizer_dir("llama2")), str(out), val_split=0,
+                           render=RenderOptions(format="mypt")), progress=False)
+    report = validate_dataset(out)
+    assert report.ok, report.problems
+    meta = json.loads((out / "dataset_metadata.json").read_text())
+    assert 2 in meta["stop_token_ids"]  # llama2's </s> after the completion
