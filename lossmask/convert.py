@@ -68,16 +68,14 @@ import hashlib
 import heapq
 import itertools
 import json
-import os
 import re
-import secrets
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
 from lossmask.episode import TRAINED_BY_DEFAULT, Source
+from lossmask.atomic import atomic_file
 from lossmask.errors import EpisodeError, InputError, LossmaskError
 from lossmask.sources import parse_record
 
@@ -197,7 +195,7 @@ def convert(
     options = _Options(kind, min_depth, system_tools, has_column, tag)
     filtering = bool(wanted) and (kind == "oasst2" or has_column)
     sampler = _Sampler(max_examples, seed) if max_examples is not None else None
-    with _atomic_output(Path(output)) as out:
+    with atomic_file(output) as out:
         for index, source_id, item in _CONVERTERS[kind](rows, options, report):
             if isinstance(item, EpisodeError):
                 report.reject(source_id, item)
@@ -361,28 +359,6 @@ def _check_columns(kind: str, row: dict, source: str) -> None:
 
 
 # ---- output ----------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _atomic_output(target: Path) -> Iterator[IO[bytes]]:
-    """A file that appears at ``target`` only when the block succeeds (temp file + rename)."""
-    if target.is_dir():
-        raise LossmaskError(f"cannot write {target}: it is a directory; give the output file's path")
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        f = open(tmp, "xb")
-    except OSError as exc:
-        raise LossmaskError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write(out: IO[bytes], entry: tuple[bytes, str, int], report: ConvertReport) -> None:

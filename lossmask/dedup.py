@@ -41,7 +41,8 @@ from rich.table import Table
 
 from lossmask.episode import Conversation, Source, TextPair
 from lossmask.errors import InputError, InputProblem, LossmaskError
-from lossmask.mix import MAX_PROBLEMS_KEPT, ON_ERROR, atomic_file, json_object, open_lines
+from lossmask.atomic import atomic_file
+from lossmask.mix import MAX_PROBLEMS_KEPT, ON_ERROR, json_object, open_lines
 from lossmask.sources import parse_record
 
 BY: tuple[str, ...] = ("exact", "user", "both")

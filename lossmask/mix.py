@@ -61,7 +61,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -71,6 +71,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from lossmask.atomic import atomic_file
 from lossmask.errors import InputError, InputProblem, LossmaskError
 
 ON_ERROR: tuple[str, ...] = ("fail", "skip")
@@ -238,24 +239,6 @@ def plan_counts(
             "used at most once), raise the other weights, or pass --allow-repeat to repeat its lines"
         )
     return counts
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """A binary file that appears at ``path`` (replacing it) only when the block ends without error."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def open_lines(path: str) -> Iterator[tuple[int, bytes]]:
@@ -441,6 +424,6 @@ def _shuffle_file(src: Path, dst: IO[bytes], rng: np.random.Generator, memory: i
 
 
 __all__ = [
-    "DEFAULT_SHUFFLE_MEMORY", "ON_ERROR", "MixInput", "MixReport", "MixSourceReport", "atomic_file", "json_object",
+    "DEFAULT_SHUFFLE_MEMORY", "ON_ERROR", "MixInput", "MixReport", "MixSourceReport", "json_object",
     "mix", "open_lines", "parse_input", "plan_counts", "print_mix_report", "replay_schedule",
 ]

@@ -8,14 +8,12 @@ Example: GPT-2 has 50257 tokens; + 19 tags = 50276; + 28 pads = 50304.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken
 
+from lossmask.atomic import save_tokenizer
 from lossmask.errors import LossmaskError
 from lossmask.tokenizer import load_tokenizer
 
@@ -105,31 +103,9 @@ def add_tokens_cli(
     tokenizer = load_tokenizer(tokenizer_path)
     before = len(tokenizer)
     after = add_mypt_tokens(tokenizer, pad_to_multiple)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tokenizer.save_pretrained(str(staged))
-        os.chmod(staged, 0o755)
-        _replace(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    save_tokenizer(tokenizer, out)
     return AddTokensResult(before=before, after=after, out_dir=out)
 
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
-
-
-def _replace(staged: Path, out: Path) -> None:
-    """Move ``staged`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    if not out.exists() or _is_empty_dir(out):
-        os.replace(staged, out)
-        return
-    old = staged.with_name(staged.name + ".old")
-    os.replace(out, old)
-    os.replace(staged, out)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()

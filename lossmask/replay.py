@@ -60,7 +60,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lossmask.errors import InputError, InputProblem, LossmaskError
-from lossmask.mix import atomic_file, json_object, open_lines
+from lossmask.atomic import atomic_file
+from lossmask.mix import json_object, open_lines
 
 DOCUMENTS: tuple[str, ...] = ("file", "blank-line")
 CUTS: tuple[str, ...] = ("paragraph", "sentence", "whitespace", "token", "end")

@@ -20,16 +20,14 @@ the text it generated. Choices:
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lossmask.atomic import save_tokenizer
 from lossmask.errors import LossmaskError
-from lossmask.mypt_tokens import MYPT_TOKENS, PAD_TEMPLATE, _replace, add_mypt_tokens
+from lossmask.mypt_tokens import MYPT_TOKENS, PAD_TEMPLATE, add_mypt_tokens
 
 PAD_TOKEN = "<myPT_pad>"
 EOS_TOKEN = "<myPT_eot>"
@@ -69,7 +67,7 @@ def build_tiny_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     )
     add_mypt_tokens(tokenizer)
     tokenizer.eos_token = EOS_TOKEN
-    _save(tokenizer, Path(out_dir))
+    save_tokenizer(tokenizer, out_dir)
     return tokenizer
 
 
@@ -78,16 +76,3 @@ def _without_special(texts: Iterable[str]) -> Iterator[str]:
         if not isinstance(text, str):
             raise LossmaskError(f"tokenizer training text must be str, got {type(text).__name__}")
         yield from (piece for piece in _SPECIAL.split(text) if piece)
-
-
-def _save(tokenizer, out: Path) -> None:
-    """Save into a temporary sibling directory, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tokenizer.save_pretrained(str(staged))
-        os.chmod(staged, 0o755)
-        _replace(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise

@@ -18,14 +18,13 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from rich.console import Console
 from rich.text import Text
 
+from lossmask.atomic import write_text
 from lossmask.errors import LossmaskError
 from lossmask.render.base import Label
 
@@ -374,13 +373,4 @@ def html_page(episodes: list[tuple[str, list[TokenRow]]], title: str, summary: d
 
 def write_html(path: str | os.PathLike, page: str) -> None:
     """Write the page atomically: a reader never sees half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, page)

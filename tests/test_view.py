@@ -203,6 +203,6 @@ def test_write_html_is_atomic(tmp_path):
     assert target.read_text(encoding="utf-8") == "<p>two</p>"
     assert os.listdir(target.parent) == ["view.html"]
     (tmp_path / "dir.html").mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(LossmaskError, match="is a directory"):
         write_html(tmp_path / "dir.html", "<p>x</p>")
     assert sorted(os.listdir(tmp_path)) == ["dir.html", "out"]
