@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from lossmask.atomic import replace_directory
 from lossmask.errors import LossmaskError
 
 RUN_INFO = "lossmask_train.json"
@@ -57,20 +58,6 @@ def atomic_directory(final: Path, is_main: bool = True, barrier=lambda: None) ->
     if is_main:
         replace_directory(tmp, final)
     barrier()
-
-
-def replace_directory(src: Path, final: Path) -> None:
-    """Rename ``src`` to ``final``, moving an existing ``final`` aside first (a directory rename cannot overwrite)."""
-    old = final.parent / f".old-{final.name}"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists() or final.is_symlink():
-        os.replace(final, old)
-    os.replace(src, final)
-    if old.is_symlink() or old.is_file():
-        old.unlink()
-    elif old.exists():
-        shutil.rmtree(old)
 
 
 def write_json(path: Path, data: Any) -> None:
