@@ -305,6 +305,148 @@ def cmd_demo(args) -> int:
     return 0 if report["gate_passed"] else 3
 
 
+def _mix_parser(sub) -> None:
+    from lossmask.mix import DEFAULT_SHUFFLE_MEMORY, ON_ERROR
+
+    p = sub.add_parser(
+        "mix",
+        help="blend JSONL sources at set proportions (streaming, seeded)",
+        description="Blend sources at set proportions. The number after ':' is a relative weight: weights are "
+        "normalised to shares of the output, so a.jsonl:19.0 b.jsonl:1.0 is a 95%/5% blend and "
+        "a.jsonl:0.85 replay.jsonl:0.15 gives replay a 15% slice. By default the scarcest source is used in "
+        "full and no line repeats. Lines are copied unchanged.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--inputs", nargs="+", required=True, metavar="FILE:WEIGHT", help="sources and weights")
+    p.add_argument("--output", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--total", type=int, help="output lines (default: as many as the scarcest source allows)")
+    p.add_argument("--shuffle", action="store_true", help="uniformly random output order (bounded memory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-repeat", action="store_true", help="repeat lines of a source its share outgrows")
+    p.add_argument("--tag-source", action="store_true", help="add _meta.mix_source to every line")
+    p.add_argument("--on-error", choices=ON_ERROR, default="fail", help="lines that are not JSON objects")
+    p.add_argument("--shuffle-memory", type=int, default=DEFAULT_SHUFFLE_MEMORY, metavar="BYTES")
+    p.set_defaults(func=cmd_mix)
+
+
+def cmd_mix(args) -> int:
+    from lossmask.mix import mix, print_mix_report
+
+    print_mix_report(mix(args.inputs, args.output, total=args.total, shuffle=args.shuffle, seed=args.seed,
+                         allow_repeat=args.allow_repeat, tag_source=args.tag_source, on_error=args.on_error,
+                         shuffle_memory=args.shuffle_memory))
+    return 0
+
+
+def _replay_parser(sub) -> None:
+    from lossmask.replay import DOCUMENTS
+
+    p = sub.add_parser(
+        "replay",
+        help="build a pre-training replay buffer ({\"_replay\": true, \"text\": ...} episodes)",
+        description="Cut plain text files, JSONL 'text' fields or a prepared dataset's episodes into replay "
+        "episodes of at most --max-tokens tokens (cut at a paragraph, sentence or space near the limit). Replay "
+        "episodes are trained on every token. Mix them in with `lossmask mix`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt files, .jsonl with 'text', or dataset dirs")
+    p.add_argument("--output", required=True)
+    p.add_argument("--tokenizer", help="tokenizer to count tokens with (default: a dataset input's own)")
+    p.add_argument("--max-tokens", type=int, required=True)
+    p.add_argument("--split", default="train", help="split to read from dataset inputs")
+    p.add_argument("--documents", choices=DOCUMENTS, default="file", help="how .txt files hold documents")
+    p.add_argument("--max-episodes", type=int, help="sample this many episodes (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args) -> int:
+    from lossmask.replay import build_replay, print_replay_report
+
+    print_replay_report(build_replay(args.inputs, args.output, args.tokenizer, max_tokens=args.max_tokens,
+                                     split=args.split, documents=args.documents, max_episodes=args.max_episodes,
+                                     seed=args.seed, trust_remote_code=args.trust_remote_code))
+    return 0
+
+
+def _dedup_parser(sub) -> None:
+    from lossmask.dedup import BY
+    from lossmask.mix import ON_ERROR
+    from lossmask.sources import INPUT_FORMATS
+
+    p = sub.add_parser("dedup", help="drop exact duplicates and duplicates by normalised user message",
+                       description="Keep the first of each duplicate: exact (same JSON, any key order) and/or by "
+                       "the normalised user messages (NFKC, case, whitespace, end punctuation).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--output", required=True)
+    p.add_argument("--by", choices=BY, default="both")
+    p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto")
+    p.add_argument("--on-error", choices=ON_ERROR, default="fail")
+    p.set_defaults(func=cmd_dedup)
+
+
+def cmd_dedup(args) -> int:
+    from lossmask.dedup import dedup, print_dedup_report
+
+    print_dedup_report(dedup(args.inputs, args.output, by=args.by, input_format=args.input_format,
+                             on_error=args.on_error))
+    return 0
+
+
+def _stats_parser(sub) -> None:
+    from lossmask.sources import INPUT_FORMATS
+
+    p = sub.add_parser("stats", help="counts, lengths and (--diversity) n-gram diversity of episode files",
+                       description="Episodes, messages per role, turns and length histograms; with --diversity "
+                       "distinct-n ratios and the most repeated user templates.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--diversity", action="store_true")
+    p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto")
+    p.set_defaults(func=cmd_stats)
+
+
+def cmd_stats(args) -> int:
+    from lossmask.stats import compute_stats, print_stats
+
+    print_stats(compute_stats(args.inputs, diversity=args.diversity, input_format=args.input_format))
+    return 0
+
+
+def _convert_parser(sub) -> None:
+    from lossmask.convert import KINDS, SYSTEM_TOOLS
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a Hugging Face dataset (hub id or local parquet/json/arrow) to episodes",
+        description="oasst2 message trees (best-ranked paths), Alpaca, ShareGPT/UltraChat and tool-use data with "
+        "XML tool calls, into the episode JSONL schema. Every record is validated before it is written.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("source", help="hub id (where a hub exists) or a local file or directory")
+    p.add_argument("--output", required=True)
+    p.add_argument("--languages", nargs="+", metavar="LANG", help="keep these languages (e.g. en de)")
+    p.add_argument("--max-examples", type=int, help="seeded sample of at most N episodes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train")
+    p.add_argument("--min-depth", type=int, default=2, help="oasst2: minimum messages in a path")
+    p.add_argument("--system-tools", choices=SYSTEM_TOOLS, default="keep",
+                   help="tool-xml: keep, cut or drop the tool listing in the system prompt")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from lossmask.convert import convert, print_convert_report
+
+    report = convert(args.kind, args.source, args.output, languages=args.languages,
+                     max_examples=args.max_examples, seed=args.seed, split=args.split, min_depth=args.min_depth,
+                     system_tools=args.system_tools)
+    print_convert_report(report)
+    return 0 if report.episodes_written else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lossmask",
@@ -319,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     _validate_parser(sub)
     _add_tokens_parser(sub)
     _pack_parser(sub)
+    _mix_parser(sub)
+    _replay_parser(sub)
+    _dedup_parser(sub)
+    _stats_parser(sub)
+    _convert_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _merge_parser(sub)

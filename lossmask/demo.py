@@ -38,7 +38,7 @@ DEMO_CONFIG = {
     "warmup_iters": 20,
     "decay": "cosine",
     "min_lr": 3e-4,
-    "epochs": 4,
+    "epochs": 6,
     "weight_decay": 0.1,
     "grad_clip": 1.0,
     "eval_interval": 50,
