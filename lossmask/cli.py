@@ -447,6 +447,36 @@ def cmd_convert(args) -> int:
     return 0 if report.episodes_written else 1
 
 
+def _generate_data_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate-data",
+        help="generate curriculum data for a phase (deterministic, English and German)",
+        description="Phases: 1 format lock, 2 operators, 3 chat, 4 multi-turn, 5 tool call, 6 agentic, "
+        "1b long context (or a generator name). Tool phases run the real tools against a document "
+        "workspace (--workspace, default: the shipped bilingual sample). --held-out writes prompts never "
+        "used in training, for the gates.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("phase", help="1, 2, 3, 4, 5, 6, 1b, or a generator name")
+    p.add_argument("--n", type=int, required=True, help="episodes to generate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--languages", nargs="+", default=["en", "de"])
+    p.add_argument("--held-out", action="store_true", help="held-out prompts (disjoint from training data)")
+    p.add_argument("--workspace", help="tool phases: a folder of documents to run the tools against")
+    p.add_argument("--out", required=True, help="output JSONL (written atomically)")
+    p.set_defaults(func=cmd_generate_data)
+
+
+def cmd_generate_data(args) -> int:
+    from lossmask.generate import generate_phase
+    from lossmask.generate.format_lock import write_jsonl
+
+    options = {"workspace": args.workspace} if args.workspace else {}
+    records = generate_phase(args.phase, args.n, args.seed, tuple(args.languages), args.held_out, **options)
+    print(f"wrote {write_jsonl(records, args.out)} episodes to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lossmask",
@@ -466,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dedup_parser(sub)
     _stats_parser(sub)
     _convert_parser(sub)
+    _generate_data_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _merge_parser(sub)
