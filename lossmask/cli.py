@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -232,6 +233,8 @@ def cmd_train(args) -> int:
         resume=args.resume, overwrite=args.overwrite, lora=args.lora, quantize=args.quantize,
         stop_after=args.stop_after, progress=not args.quiet,
     ))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch: one report, from rank 0
+        return 0
     losses = f"val loss {result.initial_val_loss:.4f} → {result.val_loss:.4f}" \
         if result.initial_val_loss is not None and result.val_loss is not None else \
         f"train loss {result.train_loss}"

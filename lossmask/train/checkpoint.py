@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -85,7 +86,10 @@ def save_model_files(
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain Python values and tensors, so it loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -93,7 +97,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -120,8 +125,12 @@ def save_trainer_state(
             torch.save(optimizer_state, state_dir / "optimizer.pt")
 
 
-def load_trainer_state(directory: Path, rank: int) -> tuple[dict, np.ndarray | None, dict]:
-    """(state.json, permutation or None, this process's RNG state)."""
+def load_trainer_state(directory: Path, rank: int) -> tuple[dict, np.ndarray | None, dict | None]:
+    """(state.json, permutation or None, this process's RNG state or None).
+
+    A process the checkpoint had no RNG state for (resuming on more processes than it was saved with)
+    gets None and starts a fresh stream: only dropout and NEFTune noise draw from it.
+    """
     state_dir = Path(directory) / STATE_DIR
     state_file = state_dir / "state.json"
     if not state_file.is_file():
@@ -133,10 +142,15 @@ def load_trainer_state(directory: Path, rank: int) -> tuple[dict, np.ndarray | N
     permutation = np.load(perm_file) if perm_file.is_file() else None
     rng_file = state_dir / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
+        return state, permutation, None
+    try:  # never an unrestricted unpickle: a checkpoint from elsewhere must not run code
+        rng = torch.load(rng_file, weights_only=True)
+    except pickle.UnpicklingError as exc:
         raise LossmaskError(
-            f"cannot resume from {directory}: no RNG state for process {rank}; resume with the process count it was saved with"
-        )
-    return state, permutation, torch.load(rng_file, weights_only=False)
+            f"cannot resume from {directory}: {rng_file.name} holds more than tensors and plain values, which is "
+            f"refused (loading it could run code); it was not written by this version of lossmask: {exc}"
+        ) from None
+    return state, permutation, rng
 
 
 def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:

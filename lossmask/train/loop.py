@@ -91,11 +91,9 @@ class _Run:
         resume_dir = None
         if args.resume:
             resume_dir = latest_checkpoint(self.out) if args.resume is True else Path(args.resume)
+            # Another process count is fine when the global window (batch_size × grad_accum × processes)
+            # is the same: the data position is global; the sampler checks the window size.
             saved, permutation, saved_rng = load_trainer_state(resume_dir, self.rank)
-            if saved["world_size"] != self.world:
-                raise LossmaskError(
-                    f"cannot resume {resume_dir}: saved with {saved['world_size']} processes, now {self.world}"
-                )
 
         seed_everything(cfg.seed)  # identical model construction on every process
         model, self.run_info = make_model(args, cfg, self.tokenizer, resume_dir)
@@ -117,7 +115,10 @@ class _Run:
             self.sampler.load_state_dict(saved["sampler"], permutation)
             self.counters.update(saved["counters"])
             load_optimizer_state(self.acc, self.optimizer, self.model, resume_dir, self.fsdp)
-            set_rng_state(saved_rng)
+            if saved_rng is not None:
+                set_rng_state(saved_rng)
+            else:  # a process the checkpoint did not have: a fresh stream of its own
+                seed_everything(cfg.seed + self.rank + 7919 * self.sampler.iteration)
         else:
             seed_everything(cfg.seed + self.rank)  # dropout and NEFTune noise differ between processes
         resumed_at = self.sampler.iteration if resume_dir else None

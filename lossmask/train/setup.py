@@ -126,7 +126,8 @@ def load_optimizer_state(accelerator, optimizer, model, resume_dir: Path, fsdp: 
 
         load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(state_dir))
         return
-    state = torch.load(state_dir / "optimizer.pt", map_location=accelerator.device, weights_only=False)
+    # weights_only: tensors and plain values only; a checkpoint from elsewhere must not run code
+    state = torch.load(state_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True)
     optimizer.load_state_dict(state)
 
 
