@@ -24,13 +24,19 @@ from dataclasses import dataclass, field
 
 from lossmask.episode import Conversation, Source
 from lossmask.errors import LossmaskError
+from lossmask.gate.generation import (
+    CLOSE,
+    EOT,
+    OPEN,
+    generate_greedy,
+    pad_id,
+    special_ids,
+    strip_padding,
+    tag_ids,
+)
 from lossmask.render.mypt import MyptRenderer
 from lossmask.sources import parse_record
 from lossmask.tokenizer import TokenizerInfo
-
-OPEN = "<myPT_assistant>"
-CLOSE = "</myPT_assistant>"
-EOT = "<myPT_eot>"
 
 
 @dataclass
@@ -108,18 +114,18 @@ def format_lock_gate(
         raise LossmaskError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     info = TokenizerInfo.of(tokenizer)
     items = [_prompt(record, i, info) for i, record in enumerate(prompts)]
-    ids = _tag_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[EOT]
-    special = {int(i) for i, t in tokenizer.backend_tokenizer.get_added_tokens_decoder().items() if t.special}
+    ids = tag_ids(tokenizer)
+    pad = pad_id(tokenizer)
+    special = special_ids(tokenizer)
     encoded = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in items]
-    generated = _generate(model, encoded, ids[EOT], pad_id, max_new_tokens, batch_size)
+    generated = generate_greedy(model, encoded, ids[EOT], pad, max_new_tokens, batch_size)
     overall = Tally()
     per_language: dict[str, Tally] = {}
     failures: dict[str, int] = {}
     samples = []
     for item, new in zip(items, generated):
         new = new[:max_new_tokens]
-        reason, answer_ids = judge(new, ids[CLOSE], ids[EOT], pad_id, special)
+        reason, answer_ids = judge(new, ids[CLOSE], ids[EOT], pad, special)
         answer = tokenizer.decode(answer_ids).strip()
         if reason is None and not answer:
             reason = "empty_answer"
@@ -131,9 +137,7 @@ def format_lock_gate(
         if reason is not None:
             failures[reason] = failures.get(reason, 0) + 1
         if len(samples) < n_samples:
-            while new and new[-1] == pad_id != ids[EOT]:  # the batch's padding, not the model's text
-                new = new[:-1]
-            generation = tokenizer.decode(new, skip_special_tokens=False)
+            generation = tokenizer.decode(strip_padding(new, pad, ids[EOT]), skip_special_tokens=False)
             passed = reason is None
             samples.append(GateSample(item.language, item.question, item.expected, generation, passed, exact, reason))
     return GateResult(
@@ -147,38 +151,7 @@ def format_lock_gate(
     )
 
 
-def _generate(
-    model, encoded: list[list[int]], eot_id: int, pad_id: int, max_new_tokens: int, batch_size: int
-) -> list[list[int]]:
-    """Greedy new tokens per prompt, in prompt order; batched by length with left padding, in eval mode."""
-    import torch
-
-    generated: list[list[int]] = [[] for _ in encoded]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    device = getattr(model, "device", torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                input_ids, attention = _left_pad([encoded[i] for i in batch], pad_id, device)
-                out = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=eot_id,
-                    pad_token_id=pad_id,
-                )
-                for row, i in enumerate(batch):
-                    generated[i] = out[row, input_ids.shape[1] :].tolist()
-    finally:
-        model.train(was_training)
-    return generated
-
-
-def judge(new: list[int], close_id: int, eot_id: int, pad_id: int, special: set[int]) -> tuple[str | None, list[int]]:
+def judge(new: list[int], close_id: int, eot_id: int, pad: int, special: set[int]) -> tuple[str | None, list[int]]:
     """(reason the generation fails or None, the answer's token ids) for one generation's new tokens.
 
     The format only: a blank answer is judged by the caller, which decodes it.
@@ -191,7 +164,7 @@ def judge(new: list[int], close_id: int, eot_id: int, pad_id: int, special: set[
     answer = new[: end - 1]
     if any(t in special for t in answer):
         return "runaway", answer
-    if any(t != pad_id for t in new[end + 1 :]):
+    if any(t != pad for t in new[end + 1 :]):
         return "after_eot", answer
     return None, answer
 
@@ -211,32 +184,6 @@ def _prompt(record: dict, index: int, info: TokenizerInfo) -> _Prompt:
     language = episode.language or (meta.get("language") if isinstance(meta, dict) else None) or "unknown"
     prompt = Conversation(tuple(before), episode.source, episode.system, episode.language)
     return _Prompt(render_prompt(prompt, info), before[-1].content, answer.content, language)
-
-
-def _tag_ids(tokenizer) -> dict[str, int]:
-    ids = {}
-    for tag in (CLOSE, EOT):
-        encoded = tokenizer.encode(tag, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise LossmaskError(
-                f"tokenizer has no single token for {tag}; add the myPT tokens first (lossmask add-tokens)"
-            )
-        ids[tag] = encoded[0]
-    return ids
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device):
-    """Left padding, so every row's last prompt token sits at the end where generation continues."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for k, r in enumerate(rows):
-        if r:
-            input_ids[k, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            attention[k, width - len(r) :] = 1
-    return input_ids.to(device), attention.to(device)
 
 
 def passes(result: GateResult, threshold: float = 0.9) -> bool:
