@@ -466,6 +466,8 @@ def _generate_data_parser(sub) -> None:
     p.add_argument("--languages", nargs="+", default=["en", "de"])
     p.add_argument("--held-out", action="store_true", help="held-out prompts (disjoint from training data)")
     p.add_argument("--workspace", help="tool phases: a folder of documents to run the tools against")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a generator option (e.g. target_tokens=3000 for 1b)")
     p.add_argument("--out", required=True, help="output JSONL (written atomically)")
     p.set_defaults(func=cmd_generate_data)
 
@@ -473,11 +475,93 @@ def _generate_data_parser(sub) -> None:
 def cmd_generate_data(args) -> int:
     from lossmask.generate import generate_phase
     from lossmask.generate.format_lock import write_jsonl
+    from lossmask.train.config import parse_overrides
 
-    options = {"workspace": args.workspace} if args.workspace else {}
+    options = parse_overrides(args.option)
+    if args.workspace:
+        options["workspace"] = args.workspace
     records = generate_phase(args.phase, args.n, args.seed, tuple(args.languages), args.held_out, **options)
     print(f"wrote {write_jsonl(records, args.out)} episodes to {args.out}")
     return 0
+
+
+def _build_tokenizer_parser(sub) -> None:
+    p = sub.add_parser("build-tokenizer", help="train a small byte-level BPE with the myPT tokens on episode files",
+                       description="The demo's tokenizer: byte-level BPE trained on the text of JSONL episodes, "
+                       "plus the 19 myPT special tokens, vocabulary padded to a multiple of 64.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT.jsonl")
+    p.add_argument("--out", required=True, help="tokenizer directory (written atomically)")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.set_defaults(func=cmd_build_tokenizer)
+
+
+def cmd_build_tokenizer(args) -> int:
+    from lossmask.pipeline import build_tokenizer
+
+    tok = build_tokenizer([Path(p) for p in args.inputs], Path(args.out), args.vocab_size)
+    print(f"wrote {args.out}: {len(tok)} tokens")
+    return 0
+
+
+def _gate_parser(sub) -> None:
+    p = sub.add_parser(
+        "gate",
+        help="generation-based success gate of a curriculum phase on a checkpoint",
+        description="Phases 1 (format lock), 2 (operators), 3 (chat), 4 (multi-turn), 1b (long context), 5 (tool "
+        "call), 6 (agentic). Generates on held-out prompts (--prompts, or generated held-out data), prints a "
+        "table and exits 1 when the gate fails. --regression runs every earlier phase's gate too; the "
+        "out-of-distribution prompt files are reported as warnings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("phase")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompts", help="held-out records (JSONL); default: generated held-out data")
+    p.add_argument("--regression", action="store_true", help="also gate every earlier phase")
+    p.add_argument("--n", type=int, help="generated held-out prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--workspace", help="tool phases: the document workspace")
+    p.add_argument("--no-ood", action="store_true", help="skip the out-of-distribution warnings")
+    p.add_argument("--report", help="write the reports as JSON")
+    p.set_defaults(func=cmd_gate)
+
+
+def cmd_gate(args) -> int:
+    from lossmask.gate import gate_checkpoint
+
+    options = {"n": args.n, "seed": args.seed, "batch_size": args.batch_size, "ood": not args.no_ood}
+    if args.max_new_tokens:
+        options["max_new_tokens"] = args.max_new_tokens
+    if args.workspace:
+        options["workspace"] = args.workspace
+    reports = gate_checkpoint(args.phase, args.model, args.prompts, regression=args.regression, report=args.report,
+                              **options)
+    return 0 if all(r.passed for r in reports) else 1
+
+
+def _pipeline_parser(sub) -> None:
+    p = sub.add_parser(
+        "pipeline",
+        help="one curriculum phase end to end: generate, mix with replay, prepare, train, gate",
+        description="Runs the steps of a phase config (configs/pipelines/phase*.yaml); complete steps are skipped, "
+        "so an interrupted pipeline continues. --dry-run prints each step as its lossmask command.",
+    )
+    p.add_argument("config")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--preset", help="a preset of the config, e.g. tiny (a quick end-to-end check on a CPU)")
+    p.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (dotted keys)")
+    p.set_defaults(func=cmd_pipeline)
+
+
+def cmd_pipeline(args) -> int:
+    from lossmask.pipeline import load_pipeline, run
+    from lossmask.train.config import parse_overrides
+
+    result = run(load_pipeline(args.config, parse_overrides(args.set), args.preset), args.dry_run, args.force)
+    return 3 if result.passed is False else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stats_parser(sub)
     _convert_parser(sub)
     _generate_data_parser(sub)
+    _build_tokenizer_parser(sub)
+    _gate_parser(sub)
+    _pipeline_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _merge_parser(sub)
