@@ -25,8 +25,11 @@ def inspect_dataset(path: str, split: str = "train", samples: int = 3, line: int
     episodes = []
     for i in chosen:
         item = ds[i]
-        rows = token_rows(item["input_ids"], item["loss_mask"], item["labels"], tokenizer)
-        episodes.append((f"{split}[{i}] ← {_where(item)}", rows))
+        # a preference pair (lossmask.pairs) shows both sides, which share their prompt tokens
+        sides = [(f" {side}", item[side]) for side in ("chosen", "rejected")] if "chosen" in item else [("", item)]
+        for name, seq in sides:
+            rows = token_rows(seq["input_ids"], seq["loss_mask"], seq["labels"], tokenizer)
+            episodes.append((f"{split}[{i}]{name} ← {_where(item)}", rows))
     if html:
         summary = {k: v for k, v in ds.metadata.get("summary", {}).items()
                    if v is not None and not isinstance(v, (dict, list))}

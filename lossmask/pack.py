@@ -308,7 +308,7 @@ def _pack_split(
         stats.skipped_too_long.append((*ds.episode(i)["source"], int(lengths[i])))
     plan = plan_packing(lengths[fits], block_size, None if keys is None else [keys[i] for i in fits.tolist()])
     for block in plan:
-        examples = [_example(ds, int(fits[j])) for j in block]
+        examples = [dataset_example(ds, int(fits[j])) for j in block]
         writer.add_block(name, examples, block_size, pad_id)
         stats.real_tokens += sum(len(e) for e in examples)
     stats.blocks = len(plan)
@@ -316,7 +316,8 @@ def _pack_split(
     return stats
 
 
-def _example(ds: Dataset, index: int) -> Example:
+def dataset_example(ds: Dataset, index: int) -> Example:
+    """An unpacked episode back as an Example (what packing and shard merging re-write)."""
     item = ds.episode(index)
     return Example(
         input_ids=np.asarray(item["input_ids"]),

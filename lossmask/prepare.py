@@ -14,9 +14,10 @@ import multiprocessing
 import os
 import shutil
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,8 +95,8 @@ class PrepareFailed(LossmaskError):
 
 # -- the work done per chunk (in a worker process, or inline) ----------------------------------------
 @dataclass
-class _Result:
-    """What one input episode became: examples, or the problem that rejects it."""
+class Result:
+    """What one input unit (an episode, or a preference pair) became: examples, or the problem that rejects it."""
 
     file_index: int
     line: int
@@ -116,8 +117,11 @@ class _Result:
 Item = tuple[int, "Episode | InputProblem"]
 
 
-class _Worker:
-    """Everything one process needs to turn parsed episodes into examples; built once per process."""
+class Worker:
+    """Everything one process needs to turn parsed episodes into examples; built once per process.
+
+    Other kinds of unit (``Kind.worker``, e.g. lossmask.pairs) subclass it and override ``run``.
+    """
 
     def __init__(self, options: PrepareOptions, tokenizer):
         self.options = options
@@ -126,16 +130,16 @@ class _Worker:
         self.guard = SpecialStringGuard(info.special_tokens, options.special_in_content)
         self.masker = Masker(tokenizer, options.mask)
 
-    def run(self, chunk: list[Item]) -> tuple[list[_Result], tuple[str, ...]]:
+    def run(self, chunk: list[Item]) -> tuple[list[Result], tuple[str, ...]]:
         results = []
-        pending: list[tuple[_Result, Rendered]] = []  # masked in one batch
+        pending: list[tuple[Result, Rendered]] = []  # masked in one batch
         for fi, item in chunk:
             if isinstance(item, InputProblem):
-                result = _Result(fi, item.line)
+                result = Result(fi, item.line)
                 result.reject(item)
                 results.append(result)
                 continue
-            result = _Result(fi, item.source.line)
+            result = Result(fi, item.source.line)
             results.append(result)
             if self.options.pack_by_field:
                 result.group = _field_value(item, self.options.pack_by_field)
@@ -151,11 +155,11 @@ class _Worker:
             elif result.problem is None:
                 result.examples.append(example)
                 result.notes.extend(rendered.notes)
-                result.stop_ids.update(_turn_end_ids(example))
+                result.stop_ids.update(turn_end_ids(example))
         return results, self.renderer.stop_strings
 
 
-def _turn_end_ids(example: Example) -> set[int]:
+def turn_end_ids(example: Example) -> set[int]:
     """Ids of the last token of every trained stop (label STOP), as the store will hold them."""
     stop = (example.labels == Label.STOP) & (example.weights > 0)
     ends = stop & ~np.append(stop[1:], False)
@@ -172,7 +176,7 @@ def _field_value(episode: Episode, dotted: str) -> str | None:
     return json.dumps(value, sort_keys=True)
 
 
-_WORKER: _Worker | None = None
+_WORKER: Worker | None = None
 
 
 def _work(chunk):
@@ -236,10 +240,38 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
     return summary
 
 
-def _prepare(options: PrepareOptions, progress: bool) -> tuple[PrepareSummary, dict[str, list] | None]:
+@dataclass(frozen=True)
+class Kind:
+    """What a prepare run makes of its input units: SFT episodes (``SFT``), or preference pairs (lossmask.pairs).
+
+    ``read`` yields (input file index, unit or InputProblem) in input order; ``worker`` builds the Worker that
+    turns a chunk of units into Results in each process. ``parts`` are the split-name suffixes of a result's
+    examples, in order (pairs: ``.chosen`` then ``.rejected``, so a pair's sides land in ``train.chosen`` and
+    ``train.rejected`` at the same index); None sends every example to the split itself. ``metadata`` is
+    added to dataset_metadata.json.
+    """
+
+    name: str
+    read: Callable[[PrepareOptions], Iterator[tuple[int, Any]]]
+    worker: Callable[[PrepareOptions, Any], Worker]
+    parts: tuple[str, ...] | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+def prepare_kind(options: PrepareOptions, kind: Kind, progress: bool = True) -> PrepareSummary:
+    """Prepare another kind of unit (e.g. preference pairs) through the same pipeline; packing does not apply."""
+    if options.pack or options.pack_by_field:
+        raise LossmaskError(f"--pack and --pack-by-field do not apply to {kind.name} datasets")
+    return _prepare(options, progress, kind)[0]
+
+
+def _prepare(
+    options: PrepareOptions, progress: bool, kind: Kind | None = None
+) -> tuple[PrepareSummary, dict[str, list] | None]:
     global _WORKER
     from lossmask.store import DatasetWriter
 
+    kind = kind or SFT
     if options.on_error not in ON_ERROR:
         raise LossmaskError(f"--on-error must be one of {ON_ERROR}")
     if not 0 <= options.val_split < 1:
@@ -254,10 +286,10 @@ def _prepare(options: PrepareOptions, progress: bool) -> tuple[PrepareSummary, d
     groups: dict[str, list] | None = {"train": [], "val": []} if options.pack_by_field else None
     observed_stops: set[int] = set()
 
-    _WORKER = _Worker(options, tokenizer)
+    _WORKER = kind.worker(options, tokenizer)
     pool = None
     try:
-        chunks = _chunks(_episodes(options), options.chunk_lines)
+        chunks = _chunks(kind.read(options), options.chunk_lines)
         if options.workers > 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             pool = multiprocessing.get_context("fork").Pool(options.workers)
@@ -280,11 +312,12 @@ def _prepare(options: PrepareOptions, progress: bool) -> tuple[PrepareSummary, d
                     summary.notes.update(r.notes)
                     observed_stops |= r.stop_ids
                     split = "val" if _in_val(options.seed, r.file_index, r.line, options.val_split) else "train"
-                    for ex in r.examples:
-                        writer.add(split, ex)
+                    names = [split] * len(r.examples) if kind.parts is None else [split + p for p in kind.parts]
+                    summary.examples[split] += len(r.examples) if kind.parts is None else 1
+                    for name, ex in zip(names, r.examples, strict=True):
+                        writer.add(name, ex)
                         if groups is not None:
                             groups[split].append(r.group)
-                        summary.examples[split] += 1
                         summary.tokens += len(ex)
                         summary.trained_tokens += ex.trained_tokens
                         summary.straddling_tokens += ex.straddling
@@ -300,7 +333,7 @@ def _prepare(options: PrepareOptions, progress: bool) -> tuple[PrepareSummary, d
                 summary.rejects_file = str(Path(options.out) / "rejects.jsonl")
                 writer.add_file("rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                          for r in _with_text(rejects)))
-            writer.close(_metadata(options, summary, tokenizer, observed_stops))
+            writer.close(_metadata(options, summary, tokenizer, observed_stops, kind))
     finally:
         if pool is not None:
             pool.terminate()
@@ -338,6 +371,9 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
+SFT = Kind("sft", _episodes, Worker)
+
+
 def _with_text(rejects: list[dict], limit: int = 1 << 20) -> list[dict]:
     """Attach each rejected line's text (up to ``limit`` bytes), read back in one pass per file."""
     wanted: dict[str, set[int]] = {}
@@ -355,11 +391,14 @@ def _with_text(rejects: list[dict], limit: int = 1 << 20) -> list[dict]:
     return [{**r, "text": texts.get((r["file"], r["line"]))} for r in rejects]
 
 
-def _metadata(options: PrepareOptions, summary: PrepareSummary, tokenizer, observed_stops: set[int]) -> dict:
+def _metadata(
+    options: PrepareOptions, summary: PrepareSummary, tokenizer, observed_stops: set[int], kind: Kind
+) -> dict:
     from lossmask.store import sha256_file
 
     return {
-        "kind": "sft",
+        **kind.metadata,
+        "kind": kind.name,
         "inputs": [{"path": p, "sha256": sha256_file(Path(p)), "bytes": Path(p).stat().st_size} for p in options.inputs],
         "render": options.render.to_dict(),
         "mask": asdict(options.mask),

@@ -21,6 +21,11 @@ A packed split (``pack.py``) stores fixed-size blocks of whole episodes in the s
 Inside a block episodes sit back to back from the block start; padding (pad id, weight 0, label PAD)
 fills the end. ``episodes.idx`` still lists every episode, so packed data can be shown per episode.
 
+A preference-pair dataset (metadata ``"kind": "pairs"``, written by lossmask.pairs) stores pair split ``S``
+as two ordinary splits ``S.chosen`` and ``S.rejected``, aligned by episode index (same count, same
+sources.idx); ``open_dataset(DIR, "train")`` reads them together as a PairDataset. In ``S.rejected``,
+flags bit 0 also marks a response stored without its stop on purpose (a truncated negative).
+
 Everything is written into ``.DIR.tmp-<pid>`` beside DIR and renamed into place only once complete and
 fsynced: a crash never leaves a DIR that looks complete, and ``force`` replaces an old DIR only then.
 """
@@ -67,6 +72,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
 )
+PAIRS_KIND = "pairs"  # metadata "kind" of a preference-pair dataset (lossmask.pairs)
+PAIR_SIDES = ("chosen", "rejected")  # pair split S is stored as the splits S.chosen and S.rejected
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Tokenizer directories (files with sizes and mtimes, and the identity) already shown to reload faithfully
 # when copied: reloading a large tokenizer takes seconds, and a process often writes several datasets.
@@ -757,13 +764,19 @@ def _block_problems(root: Path, split: str, packed: dict, starts, ends, n_tokens
     return problems
 
 
-def open_dataset(path: str | os.PathLike, split: str = "train", *, verify: bool = False) -> "Dataset":
+def open_dataset(
+    path: str | os.PathLike, split: str = "train", *, verify: bool = False
+) -> "Dataset | PairDataset":
     """Open one split for reading; refuses a damaged split with a message naming the file.
 
     Always checks sizes against the metadata and the index bounds; ``verify`` also checks every sha256.
+    In a pair dataset (metadata ``kind: pairs``) ``split`` names the pairs (``train``): a PairDataset over
+    its ``train.chosen`` and ``train.rejected`` splits; each of those also opens alone as a Dataset.
     """
     root = Path(path)
     meta = read_metadata(root)
+    if meta.get("kind") == PAIRS_KIND and split not in meta["splits"]:
+        return _open_pairs(root, meta, split, verify)
     if split not in meta["splits"]:
         raise LossmaskError(f"{root} has no split {split!r} (it has: {', '.join(sorted(meta['splits']))})")
     problems = split_problems(root, meta, split, verify=verify)
@@ -773,6 +786,58 @@ def open_dataset(path: str | os.PathLike, split: str = "train", *, verify: bool 
             f"{root}: split {split!r} is damaged:\n  {listed}\nrun `lossmask validate {root}` for details"
         )
     return Dataset(root, split, meta)
+
+
+def pair_splits(metadata: dict) -> list[str]:
+    """The pair splits of a pair dataset (``train``, ``val``): those whose two sides are both stored."""
+    names = set(metadata["splits"])
+    bases = {name.rsplit(".", 1)[0] for name in names if "." in name}
+    return sorted(base for base in bases if all(f"{base}.{side}" in names for side in PAIR_SIDES))
+
+
+def _open_pairs(root: Path, meta: dict, split: str, verify: bool) -> "PairDataset":
+    if split not in pair_splits(meta):
+        raise LossmaskError(
+            f"{root} is a pair dataset with no pair split {split!r} (it has: {', '.join(pair_splits(meta)) or 'none'})"
+        )
+    chosen, rejected = (open_dataset(root, f"{split}.{side}", verify=verify) for side in PAIR_SIDES)
+    if chosen.num_episodes != rejected.num_episodes or not np.array_equal(
+        chosen.arrays["sources.idx"], rejected.arrays["sources.idx"]
+    ):
+        raise LossmaskError(
+            f"{root}: {split}.chosen and {split}.rejected are not aligned (different counts or sources); "
+            "the dataset is damaged, prepare it again"
+        )
+    return PairDataset(chosen, rejected)
+
+
+class PairDataset(Sequence):
+    """Preference pairs: item ``i`` is episode ``i`` of ``S.chosen`` with episode ``i`` of ``S.rejected``.
+
+    Item: ``{"chosen": {...}, "rejected": {...}, "source": (file, line)}``, each side an unpacked item as
+    ``Dataset`` yields it (``input_ids``, ``loss_mask``, ``labels``, ``source``, ``truncated``). The two sides
+    share their prompt tokens exactly (checked at prepare time).
+    """
+
+    def __init__(self, chosen: "Dataset", rejected: "Dataset"):
+        self.chosen = chosen
+        self.rejected = rejected
+        self.root = chosen.root
+        self.split = chosen.split.rsplit(".", 1)[0]
+        self.metadata = chosen.metadata
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / TOKENIZER_DIR
+
+    def __len__(self) -> int:
+        return self.chosen.num_episodes
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        chosen = self.chosen.episode(index)
+        return {"chosen": chosen, "rejected": self.rejected.episode(index), "source": chosen["source"]}
 
 
 def load_tokenizer_of(path: str | os.PathLike, trust_remote_code: bool = False):
