@@ -64,6 +64,15 @@ def _prepare_parser(sub) -> None:
                    "--max-length defaults to BLOCK")
     p.add_argument("--pack-by-field", metavar="FIELD",
                    help="with --pack: only episodes with the same value of FIELD (e.g. _meta.operator) share a block")
+    p.add_argument("--num-shards", type=int, metavar="N", help="split the input into N disjoint shards (by episode)")
+    p.add_argument("--shard-index", type=int, metavar="I",
+                   help="prepare only shard I of N, into OUT/shard-IIIII-of-NNNNN (one job of a job array)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="ray: prepare all --num-shards shards as Ray tasks (a local Ray, or --ray-address)")
+    p.add_argument("--ray-address", help="the Ray cluster to run on (default: start a local one)")
+    p.add_argument("--pairs", action="store_true",
+                   help="inputs are preference pairs (prompt, chosen, rejected): store both sides, sharing the "
+                   "exact same prompt tokens, for `lossmask dpo`")
     p.add_argument("--force", action="store_true", help="replace an existing dataset")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code from the model repo")
@@ -101,11 +110,25 @@ def cmd_prepare(args) -> int:
         input_format=args.input_format, special_in_content=args.special_in_content,
         val_split=args.val_split, seed=args.seed, workers=args.workers, on_error=args.on_error,
         force=args.force, trust_remote_code=args.trust_remote_code, pack=args.pack,
-        pack_by_field=args.pack_by_field,
+        pack_by_field=args.pack_by_field, num_shards=args.num_shards, shard_index=args.shard_index,
     )
     if args.pack_by_field and not args.pack:
         raise LossmaskError("--pack-by-field needs --pack BLOCK")
-    summary = prepare(options, progress=not args.quiet)
+    if args.backend == "ray":
+        from lossmask.ray_backend import prepare_on_ray
+
+        summaries = prepare_on_ray(options, args.ray_address)
+        kept = sum(s["episodes_kept"] for s in summaries)
+        print(f"{len(summaries)} shards in {args.out}: {kept:,} episodes kept, "
+              f"{sum(sum(s['rejected'].values()) for s in summaries):,} rejected, "
+              f"{sum(s['tokens'] for s in summaries):,} tokens; `lossmask merge {args.out} --out DIR` joins them")
+        return 0
+    if args.pairs:
+        from lossmask.pairs import prepare_pairs
+
+        summary = prepare_pairs(options, progress=not args.quiet)
+    else:
+        summary = prepare(options, progress=not args.quiet)
     from lossmask.report import print_prepare_summary
 
     print_prepare_summary(summary)
@@ -271,17 +294,25 @@ def cmd_generate(args) -> int:
 
 
 def _merge_parser(sub) -> None:
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model",
-                       description="Write a plain Hugging Face model directory with the adapter merged in.")
-    p.add_argument("adapter", help="adapter checkpoint directory")
-    p.add_argument("--out", required=True, help="output model directory")
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base, or join dataset shards into one",
+                       description="Given a LoRA adapter checkpoint: write a plain Hugging Face model directory "
+                       "with the adapter merged in. Given a directory of dataset shards (prepare --num-shards): "
+                       "write one dataset with every episode in input order, as an unsharded run would.")
+    p.add_argument("source", help="adapter checkpoint directory, or a directory of dataset shards")
+    p.add_argument("--out", required=True, help="output model or dataset directory")
+    p.add_argument("--force", action="store_true", help="shards: replace an existing dataset")
     p.set_defaults(func=cmd_merge)
 
 
 def cmd_merge(args) -> int:
+    from lossmask.shards import is_shard_root, merge_shards
+
+    if is_shard_root(args.source):
+        print(f"merged dataset: {merge_shards(args.source, args.out, force=args.force)}")
+        return 0
     from lossmask.train import merge_adapter
 
-    print(f"merged model: {merge_adapter(args.adapter, args.out)}")
+    print(f"merged model: {merge_adapter(args.source, args.out)}")
     return 0
 
 
@@ -564,6 +595,129 @@ def cmd_pipeline(args) -> int:
     return 3 if result.passed is False else 0
 
 
+def _negatives_parser(sub) -> None:
+    from lossmask.negatives import KINDS, ON_ERROR
+
+    p = sub.add_parser(
+        "negatives",
+        help="build diverse negatives from good SFT responses (for preference pairs)",
+        description="Five kinds, each labelled in _meta.negative_kind: an unwarranted refusal, a truncated answer "
+        "(no stop), an answer to a different question, a format violation, a factual corruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="SFT.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--on-error", choices=ON_ERROR, default="fail")
+    p.set_defaults(func=cmd_negatives)
+
+
+def cmd_negatives(args) -> int:
+    from lossmask.negatives import build_negatives, print_negatives_report
+
+    print_negatives_report(build_negatives(args.inputs, args.out, seed=args.seed, kinds=tuple(args.kinds),
+                                           on_error=args.on_error))
+    return 0
+
+
+def _pairs_parser(sub) -> None:
+    from lossmask.negatives import KINDS, ON_ERROR
+
+    p = sub.add_parser(
+        "pairs",
+        help="combine SFT responses with negatives into a balanced, deduplicated pair set",
+        description="Joins each negative to its SFT episode (chosen = the SFT answer, rejected = the negative), "
+        "drops duplicates, balances the kinds and prints the composition.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--sft", nargs="+", required=True, metavar="SFT.jsonl")
+    p.add_argument("--negatives", nargs="+", required=True, metavar="NEG.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-kind", type=int, help="pairs per kind (default: as many as the scarcest kind has)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS)
+    p.add_argument("--on-error", choices=ON_ERROR, default="fail")
+    p.set_defaults(func=cmd_pairs)
+
+
+def cmd_pairs(args) -> int:
+    from lossmask.negatives import build_pairs, print_pair_composition
+
+    print_pair_composition(build_pairs(args.sft, args.negatives, args.out, seed=args.seed, per_kind=args.per_kind,
+                                       kinds=tuple(args.kinds) if args.kinds else None, on_error=args.on_error))
+    return 0
+
+
+def _dpo_parser(sub) -> None:
+    p = sub.add_parser(
+        "dpo",
+        help="DPO from an SFT checkpoint on a pair dataset (prepare --pairs)",
+        description="Sigmoid DPO (beta 0.1 by default) with sequence log-probabilities summed over trained tokens "
+        "only, against a frozen reference: the starting model (log-probabilities computed once), or with --lora "
+        "the same model with the new adapter disabled (an SFT adapter is merged first). Loss normalised over the "
+        "pairs of the whole accumulation window and across processes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="pair dataset directory")
+    p.add_argument("--model", required=True, help="SFT checkpoint (model directory or LoRA adapter)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="JSON or YAML (see configs/train/dpo.yaml): SFT keys plus beta")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--lora", metavar="SPEC", help="train a new LoRA adapter, e.g. r=16,alpha=32")
+    p.add_argument("--quantize", choices=("4bit", "8bit"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_dpo)
+
+
+def cmd_dpo(args) -> int:
+    from lossmask.train import DPOArgs, load_dpo_config, parse_overrides, run_dpo
+
+    result = run_dpo(DPOArgs(args.model, args.data, args.out, config=load_dpo_config(args.config,
+                             parse_overrides(args.set)), lora=args.lora, quantize=args.quantize,
+                             overwrite=args.overwrite, progress=not args.quiet))
+    if os.environ.get("RANK", "0") == "0":
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted((result.val or result.last).items()))
+        print(f"{result.optimizer_steps} optimizer steps; {shown}\nreference: {result.reference}\n"
+              f"checkpoint: {result.final_dir}\nmetrics: {result.metrics_path}")
+    return 0
+
+
+def _compare_parser(sub) -> None:
+    from lossmask.render import FORMATS
+
+    p = sub.add_parser(
+        "compare",
+        help="compare models side by side (format, refusals, preference accuracy, length)",
+        description="Loads the models one after another (never two at once) and reports format compliance and "
+        "refusal rate (pattern checks) on generations, preference accuracy by log-likelihood on held-out pairs, "
+        "and average length.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--models", required=True, metavar="NAME=DIR,...", help="e.g. base=DIR,sft=DIR,dpo=DIR")
+    p.add_argument("--eval", required=True, metavar="FILE", help="held-out pairs (JSONL)")
+    p.add_argument("--format", choices=FORMATS)
+    p.add_argument("--chat-template", metavar="FILE")
+    p.add_argument("--template-kwargs", metavar="JSON", default="{}")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", metavar="OUT", help="also write the comparison as JSON")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from lossmask.compare import compare_models, parse_models, print_comparison
+    from lossmask.render import RenderOptions
+
+    render = RenderOptions(format=args.format, template_kwargs=json.loads(args.template_kwargs),
+                           chat_template=Path(args.chat_template).read_text() if args.chat_template else None)
+    print_comparison(compare_models(parse_models(args.models), args.eval, render=render,
+                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                    json_out=args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lossmask",
@@ -587,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     _build_tokenizer_parser(sub)
     _gate_parser(sub)
     _pipeline_parser(sub)
+    _negatives_parser(sub)
+    _pairs_parser(sub)
+    _dpo_parser(sub)
+    _compare_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _merge_parser(sub)

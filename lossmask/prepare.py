@@ -51,6 +51,8 @@ class PrepareOptions:
     pack: int | None = None  # block size: pack the prepared episodes (best-fit decreasing) into blocks
     pack_by_field: str | None = None  # e.g. "_meta.operator": only episodes with equal values share a block
     trust_remote_code: bool = False
+    num_shards: int | None = None  # with shard_index: write only this shard, to OUT/shard-IIIII-of-NNNNN
+    shard_index: int | None = None
 
 
 @dataclass
@@ -219,6 +221,11 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
     With ``pack``, episodes are prepared into a temporary unpacked dataset (``max_length`` defaults to
     the block size, so the truncation policy applies) and packed from it into ``out``.
     """
+    from lossmask.shards import check_shard, shard_name
+
+    check_shard(options.shard_index, options.num_shards)
+    if options.num_shards is not None:
+        options = replace(options, out=str(Path(options.out) / shard_name(options.shard_index, options.num_shards)))
     if not options.pack:
         return _prepare(options, progress)[0]
     from lossmask.pack import pack_dataset
@@ -289,7 +296,7 @@ def _prepare(
     _WORKER = kind.worker(options, tokenizer)
     pool = None
     try:
-        chunks = _chunks(kind.read(options), options.chunk_lines)
+        chunks = _chunks(_in_shard(kind.read(options), options), options.chunk_lines)
         if options.workers > 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             pool = multiprocessing.get_context("fork").Pool(options.workers)
@@ -323,7 +330,7 @@ def _prepare(
                         summary.straddling_tokens += ex.straddling
                         summary.truncated += int(ex.truncated)
                 bar(summary)
-            if summary.episodes_kept == 0:
+            if summary.episodes_kept == 0 and (summary.lines or options.num_shards is None):  # a shard may be empty
                 raise LossmaskError(
                     f"no episode was kept from {summary.lines} input episodes"
                     + (f" (rejected: {dict(summary.rejected)})" if summary.rejected else "")
@@ -350,6 +357,19 @@ def _bounded_imap(pool, chunks: Iterator[list[Item]], window: int):
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
+
+
+def _in_shard(items: Iterator[Item], options: PrepareOptions) -> Iterator[Item]:
+    """Only the units of ``options.shard_index`` (every unit is parsed; rendering and masking are split)."""
+    if options.num_shards is None:
+        yield from items
+        return
+    from lossmask.shards import shard_of
+
+    for fi, unit in items:
+        line = unit.line if isinstance(unit, InputProblem) else unit.source.line
+        if shard_of(fi, line, options.num_shards) == options.shard_index:
+            yield fi, unit
 
 
 def _episodes(options: PrepareOptions) -> Iterator[Item]:
@@ -409,6 +429,7 @@ def _metadata(
         "stop_strings": summary.stop_strings,
         "stop_token_ids": stop_token_ids(tokenizer, summary.stop_strings, observed_stops),
         "summary": summary.to_dict() | {"out": None},
+        **({"shard": {"index": options.shard_index, "count": options.num_shards}} if options.num_shards else {}),
     }
 
 

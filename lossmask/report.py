@@ -15,6 +15,7 @@ NOTE_TEXT = {
     "template_drops_tool_calls": "assistant turns whose tool calls the chat template does not render "
     "(the model will not learn to call tools)",
     "no_end_marker": "text records without the end marker (trained to the end of the text)",
+    "rejected_without_stop": "rejected responses stored without their stop (truncated negatives)",
 }
 
 

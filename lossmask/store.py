@@ -774,6 +774,10 @@ def open_dataset(
     its ``train.chosen`` and ``train.rejected`` splits; each of those also opens alone as a Dataset.
     """
     root = Path(path)
+    from lossmask.shards import ShardedDataset, is_shard_root
+
+    if is_shard_root(root):
+        return ShardedDataset(root, split, verify=verify)
     meta = read_metadata(root)
     if meta.get("kind") == PAIRS_KIND and split not in meta["splits"]:
         return _open_pairs(root, meta, split, verify)

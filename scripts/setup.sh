@@ -18,5 +18,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
       || $PIP install -q torch
   fi
 fi
-$PIP install -q -e ".[train,test]"
+$PIP install -q -e ".[train,test,scale,bench]"
 .venv/bin/python -c "import lossmask, torch; print(f'lossmask {lossmask.__version__} installed (torch {torch.__version__})')"

@@ -39,6 +39,14 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
             path.unlink()
 
 
+def _has_split(path, split: str) -> bool:
+    from lossmask.shards import is_shard_root, shard_dirs
+    from lossmask.store import read_metadata
+
+    dirs = shard_dirs(path) if is_shard_root(path) else [path]
+    return any(split in read_metadata(d)["splits"] for d in dirs)
+
+
 def open_data(args: TrainArgs) -> tuple[Sequence, Sequence | None, Any, dict]:
     """(train, val or None, tokenizer or None, dataset metadata). A stored dataset may lack a val split."""
     metadata: dict = {}
@@ -47,10 +55,9 @@ def open_data(args: TrainArgs) -> tuple[Sequence, Sequence | None, Any, dict]:
         from lossmask.store import open_dataset
 
         train = open_dataset(args.data, split="train")
-        try:
-            val = open_dataset(args.data, split="val")
-        except LossmaskError:
-            val = None
+        if train.metadata.get("kind") == "pairs":
+            raise LossmaskError(f"{args.data} is a preference-pair dataset: train on it with `lossmask dpo`")
+        val = open_dataset(args.data, split="val") if _has_split(args.data, "val") else None  # damage still raises
         metadata = {k: v for k, v in (getattr(train, "metadata", None) or {}).items() if k != "files"}
         if tokenizer is None:
             tokenizer = getattr(train, "tokenizer_path", None)
