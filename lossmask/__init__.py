@@ -24,7 +24,12 @@ _API = {
     "prepare": "lossmask.prepare", "PrepareOptions": "lossmask.prepare",
     "open_dataset": "lossmask.store", "DatasetWriter": "lossmask.store",
     "validate_dataset": "lossmask.validate",
-    "pack_dataset": "lossmask.pack",
+    "pack_dataset": "lossmask.pack", "merge_shards": "lossmask.shards",
+    # training, preference tuning, evaluation
+    "run_training": "lossmask.train", "TrainArgs": "lossmask.train", "load_config": "lossmask.train",
+    "run_dpo": "lossmask.train", "DPOArgs": "lossmask.train",
+    "prepare_pairs": "lossmask.pairs", "build_negatives": "lossmask.negatives", "build_pairs": "lossmask.negatives",
+    "compare_models": "lossmask.compare", "run_gate": "lossmask.gate", "run_demo": "lossmask.demo",
 }
 
 __all__ = ["__version__", *_API]
