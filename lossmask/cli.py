@@ -763,6 +763,15 @@ def main(argv: list[str] | None = None) -> int:
     except LossmaskError as exc:
         print(f"lossmask {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, read-only directory, permissions: the system's words, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"lossmask {args.command}: error: cannot read or write {where}{exc.strerror or exc}; "
+            "free space or pick a writable location, then run again (outputs are written atomically, "
+            "nothing partial was kept)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("interrupted; nothing partial was left behind", file=sys.stderr)
         return 130

@@ -235,7 +235,9 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
     out = Path(options.out)
     if out.exists() and not options.force:
         raise LossmaskError(f"{out} already exists; pass --force to replace it")
-    staging = out.parent / f".{out.name}.unpacked-{os.getpid()}"
+    # one staging name per output: its writer's lock refuses a second run for the same OUT, and a re-run after a
+    # crash replaces (then removes) the staging the crashed run left
+    staging = out.parent / f".{out.name}.unpacked"
     mask = options.mask if options.mask.max_length else replace(options.mask, max_length=options.pack)
     try:
         summary, groups = _prepare(replace(options, out=str(staging), mask=mask, force=True), progress)

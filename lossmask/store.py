@@ -31,6 +31,7 @@ fsynced: a crash never leaves a DIR that looks complete, and ``force`` replaces 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -52,7 +53,7 @@ from lossmask import __version__
 from lossmask.errors import LossmaskError
 from lossmask.example import Example
 from lossmask.render.base import Label
-from lossmask.tokenizer import load_tokenizer, tokenizer_identity
+from lossmask.tokenizer import identity_mismatches, load_tokenizer, tokenizer_identity
 
 FORMAT_VERSION = 1
 METADATA = "dataset_metadata.json"
@@ -411,7 +412,8 @@ class DatasetWriter:
         for writer in self._splits.values():
             for sink in writer.sinks.values():
                 if not sink.file.closed:
-                    sink.file.close()
+                    with contextlib.suppress(OSError):  # flushing onto a full disk fails: the rmtree must still run
+                        sink.file.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -789,6 +791,8 @@ def open_dataset(
         raise LossmaskError(
             f"{root}: split {split!r} is damaged:\n  {listed}\nrun `lossmask validate {root}` for details"
         )
+    if verify:
+        load_tokenizer_of(root)
     return Dataset(root, split, meta)
 
 
@@ -845,11 +849,21 @@ class PairDataset(Sequence):
 
 
 def load_tokenizer_of(path: str | os.PathLike, trust_remote_code: bool = False):
-    """The tokenizer stored with a dataset."""
+    """The tokenizer stored with a dataset, refused unless it is the one that made the dataset's ids.
+
+    A replaced tokenizer would otherwise train and save a model whose ids mean other text.
+    """
     directory = Path(path) / TOKENIZER_DIR
     if not directory.is_dir():
         raise LossmaskError(f"{directory} is missing: the dataset has no stored tokenizer")
-    return load_tokenizer(str(directory), trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(str(directory), trust_remote_code=trust_remote_code)
+    mismatches = identity_mismatches(tokenizer_identity(tokenizer), read_metadata(Path(path))["tokenizer"])
+    if mismatches:
+        raise LossmaskError(
+            f"{directory}: the stored tokenizer was replaced or changed ({'; '.join(mismatches)}); "
+            "restore it or prepare the dataset again with the tokenizer you want"
+        )
+    return tokenizer
 
 
 class Dataset(Sequence):

@@ -59,6 +59,42 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
+def exact_backend(tokenizer):
+    """The Rust tokenizer that encodes text exactly as it is: no padding, no truncation.
+
+    Used as it is when it already is (no copy: copying a 262k-token tokenizer costs seconds and
+    hundreds of MB); copied with both switched off otherwise, leaving the caller's tokenizer untouched.
+    """
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        backend = tokenizer
+    else:
+        backend = tokenizer.backend_tokenizer
+    if backend.padding is None and backend.truncation is None:
+        return backend
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
+IDENTITY_KEYS = ("tokenizer_sha256", "chat_template_sha256", "vocab_size")
+SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token")
+
+
+def identity_mismatches(found: dict, expected: dict) -> list[str]:
+    """Why a tokenizer is not the one that made a dataset's ids, one line a key; empty when it is.
+
+    Special tokens are compared only once vocabulary, merges and template agree: otherwise they are noise.
+    """
+    differ = [key for key in IDENTITY_KEYS if found.get(key) != expected.get(key)]
+    return [
+        f"{key} is {found.get(key)!r} but the token ids were made by a tokenizer with {expected.get(key)!r}"
+        for key in differ or [key for key in SPECIAL_KEYS if found.get(key) != expected.get(key)]
+    ]
+
+
 def tokenizer_identity(tokenizer) -> dict:
     """A stable fingerprint of everything that changes token ids: vocabulary, merges, added tokens, template."""
     backend_json = tokenizer.backend_tokenizer.to_str()

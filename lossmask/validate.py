@@ -23,13 +23,12 @@ from lossmask.render.base import NEVER_TRAINED, Label
 from lossmask.store import (
     METADATA, TOKENIZER_DIR, TRUNCATED, Dataset, Problem, read_metadata, sha256_file, split_files, split_problems,
 )
-from lossmask.tokenizer import load_tokenizer, tokenizer_identity
+from lossmask.tokenizer import identity_mismatches, load_tokenizer, tokenizer_identity
 
 TURN_LABELS = (Label.ASSISTANT, Label.THINK, Label.CITE, Label.TOOLCALL, Label.STOP)
 _NEVER = np.array(sorted(int(label) for label in NEVER_TRAINED), dtype=np.uint8)
 _TURN = np.array([int(label) for label in TURN_LABELS], dtype=np.uint8)
 _CHUNK_TOKENS = 1 << 20  # tokens checked at once: about 50 MB of temporaries
-_IDENTITY_KEYS = ("tokenizer_sha256", "chat_template_sha256", "vocab_size")
 
 __all__ = ["Problem", "ValidationReport", "format_report", "validate_dataset"]
 
@@ -126,13 +125,8 @@ def _check_tokenizer(root: Path, meta: dict, add: _Collector) -> None:
     except LossmaskError as exc:
         add(Problem("tokenizer", f"{TOKENIZER_DIR}/", f"the stored tokenizer does not load: {exc}"))
         return
-    for key in _IDENTITY_KEYS:
-        if identity.get(key) != meta["tokenizer"].get(key):
-            add(Problem(
-                "tokenizer", f"{TOKENIZER_DIR}/",
-                f"{key} is {identity.get(key)!r} but the token ids were made by a tokenizer with "
-                f"{meta['tokenizer'].get(key)!r}: the stored tokenizer was replaced or changed",
-            ))
+    for mismatch in identity_mismatches(identity, meta["tokenizer"]):
+        add(Problem("tokenizer", f"{TOKENIZER_DIR}/", f"{mismatch}: the stored tokenizer was replaced or changed"))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lossmask.errors import LossmaskError
-from lossmask.train import DPOArgs, dpo_config_from_dict, load_dpo_config, run_dpo
+from lossmask.train import DPOArgs, TrainArgs, config_from_dict, dpo_config_from_dict, load_dpo_config, run_dpo, run_training
 from lossmask.train.checkpoint import RUN_INFO, write_json
 from lossmask.train.data import WindowSampler
 from lossmask.train.dpo import DPORun, collate_pairs, dpo_losses, pair_logps
@@ -255,3 +255,11 @@ def test_dpo_demo_sft_to_dpo_end_to_end(tmp_path):
     assert all(0 <= c["preference_accuracy"] <= 1 and c["format_compliance"] is not None for c in compared.values())
     saved = json.loads((tmp_path / "demo" / "dpo_demo_report.json").read_text())
     assert saved["paths"]["dpo"].endswith("final") and Path(saved["paths"]["comparison"]).is_file()
+    demo = tmp_path / "demo"
+    with pytest.raises(LossmaskError, match="not a preference-pair dataset"):  # refused before a model is built
+        run_dpo(DPOArgs(model=str(demo / "sft" / "final"), data=str(demo / "sft_data"), out=str(tmp_path / "x"),
+                        config=dpo_config_from_dict({}), progress=False))
+    with pytest.raises(LossmaskError, match="is a preference-pair dataset"):
+        run_training(TrainArgs(model="tiny", data=str(demo / "pair_data"), out=str(tmp_path / "y"),
+                               config=config_from_dict({}), progress=False))
+    assert not (tmp_path / "x" / "final").exists() and not (tmp_path / "y" / "final").exists()

@@ -146,10 +146,20 @@ class ChatTemplateRenderer:
             )
         if history not in HISTORY_POLICIES:
             raise LossmaskError(f"--history must be one of {HISTORY_POLICIES}, got {history!r}")
+        from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         self.template = template
-        self._compiled = _compile_jinja_template(template)
+        try:
+            self._compiled = _compile_jinja_template(template)
+        except TemplateError as exc:  # a template from elsewhere may not even compile: name its line
+            line = getattr(exc, "lineno", None)
+            origin = "given with --chat-template" if chat_template else f"of the tokenizer {tokenizer.name_or_path!r}"
+            raise LossmaskError(
+                f"the chat template {origin} does not compile"
+                + (f" (template line {line})" if line else "")
+                + f": {exc.message or exc}; fix the template or pass --chat-template FILE"
+            ) from None
         self.info = info
         self.history = history
         self.response_marker = response_marker
@@ -265,7 +275,13 @@ class ChatTemplateRenderer:
         cursor = 0
         located: dict[int, tuple[int, int]] = {}
         notes: list[str] = []
+        prompts = iter(chat.labels)
+        prompt = next(prompts, None)
         for n, turn in enumerate(chat.turns):
+            # a turn starts after the text of the messages before it: a copy of it inside user content is not it
+            while prompt is not None and prompt[0] < turn.index:
+                cursor = _after_piece(text, prompt[2], cursor)
+                prompt = next(prompts, None)
             message = chat.messages[turn.index]
             trained, stop = self._inference_form(message, tools)
             self._note_stop(stop)
@@ -351,6 +367,15 @@ def _dropped_parts(message: dict, trained: str) -> list[str]:
             notes.append("template_drops_tool_calls")
             break
     return notes
+
+
+def _after_piece(text: str, piece: str, cursor: int) -> int:
+    """The end of the first copy of ``piece`` (as written, or trimmed) at or after ``cursor``; else ``cursor``."""
+    for candidate in (piece, piece.strip()) if piece.strip() else ():
+        at = text.find(candidate, cursor)
+        if at >= 0:
+            return at + len(candidate)
+    return cursor
 
 
 def _turn_spans(start: int, end: int, stop: str, weight: float) -> list[Span]:

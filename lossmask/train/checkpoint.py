@@ -139,18 +139,25 @@ def load_trainer_state(directory: Path, rank: int) -> tuple[dict, np.ndarray | N
         )
     state = json.loads(state_file.read_text(encoding="utf-8"))
     perm_file = state_dir / "permutation.npy"
-    permutation = np.load(perm_file) if perm_file.is_file() else None
+    try:  # np.load refuses pickled object arrays (allow_pickle=False)
+        permutation = np.load(perm_file) if perm_file.is_file() else None
+    except ValueError as exc:
+        raise LossmaskError(f"cannot resume from {directory}: {perm_file.name} is not a plain array: {exc}") from None
     rng_file = state_dir / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         return state, permutation, None
-    try:  # never an unrestricted unpickle: a checkpoint from elsewhere must not run code
-        rng = torch.load(rng_file, weights_only=True)
+    return state, permutation, load_plain(rng_file, directory)
+
+
+def load_plain(path: Path, directory: Path, map_location: Any = None) -> Any:
+    """``torch.load`` of tensors and plain values only: a checkpoint from elsewhere must not run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise LossmaskError(
-            f"cannot resume from {directory}: {rng_file.name} holds more than tensors and plain values, which is "
+            f"cannot resume from {directory}: {path.name} holds more than tensors and plain values, which is "
             f"refused (loading it could run code); it was not written by this version of lossmask: {exc}"
         ) from None
-    return state, permutation, rng
 
 
 def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:

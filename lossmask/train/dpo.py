@@ -253,7 +253,7 @@ class DPORun:
         if self.is_main:
             prepare_out_dir(self.out, resume=False, overwrite=args.overwrite)
         self.acc.wait_for_everyone()
-        self.train_ds, self.val_ds, self.tokenizer, metadata = open_data(args)
+        self.train_ds, self.val_ds, self.tokenizer, metadata = open_data(args, pairs=True)
         seed_everything(cfg.seed)
         model, self.reference_dir, base = self._policy()
         self.reference = "adapter_disabled" if args.lora else "precomputed"

@@ -12,7 +12,7 @@ import torch
 
 from lossmask.errors import LossmaskError
 from lossmask.train.args import TrainArgs
-from lossmask.train.checkpoint import STATE_DIR, checkpoint_dirs
+from lossmask.train.checkpoint import STATE_DIR, checkpoint_dirs, load_plain
 from lossmask.train.config import TrainConfig
 from lossmask.train.lora import apply_lora, parse_lora, quantization_config
 from lossmask.train.models import build_model, fit_vocabulary, is_preset
@@ -47,20 +47,31 @@ def _has_split(path, split: str) -> bool:
     return any(split in read_metadata(d)["splits"] for d in dirs)
 
 
-def open_data(args: TrainArgs) -> tuple[Sequence, Sequence | None, Any, dict]:
-    """(train, val or None, tokenizer or None, dataset metadata). A stored dataset may lack a val split."""
+def open_data(args: TrainArgs, pairs: bool = False) -> tuple[Sequence, Sequence | None, Any, dict]:
+    """(train, val or None, tokenizer or None, dataset metadata). A stored dataset may lack a val split.
+
+    ``pairs`` says which kind the trainer needs: SFT refuses a preference-pair dataset and DPO an SFT one,
+    before any model is built.
+    """
     metadata: dict = {}
     tokenizer = args.tokenizer
     if isinstance(args.data, (str, Path)):
         from lossmask.store import open_dataset
 
         train = open_dataset(args.data, split="train")
-        if train.metadata.get("kind") == "pairs":
+        is_pairs = train.metadata.get("kind") == "pairs"
+        if is_pairs and not pairs:
             raise LossmaskError(f"{args.data} is a preference-pair dataset: train on it with `lossmask dpo`")
+        if pairs and not is_pairs:
+            raise LossmaskError(
+                f"{args.data} is not a preference-pair dataset: prepare one with `lossmask prepare --pairs`"
+            )
         val = open_dataset(args.data, split="val") if _has_split(args.data, "val") else None  # damage still raises
         metadata = {k: v for k, v in (getattr(train, "metadata", None) or {}).items() if k != "files"}
         if tokenizer is None:
-            tokenizer = getattr(train, "tokenizer_path", None)
+            from lossmask.store import load_tokenizer_of
+
+            tokenizer = load_tokenizer_of(train.tokenizer_path.parent)
     else:
         train, val = args.data, None
     if args.val_data is not None:
@@ -133,9 +144,7 @@ def load_optimizer_state(accelerator, optimizer, model, resume_dir: Path, fsdp: 
 
         load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(state_dir))
         return
-    # weights_only: tensors and plain values only; a checkpoint from elsewhere must not run code
-    state = torch.load(state_dir / "optimizer.pt", map_location=accelerator.device, weights_only=True)
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(load_plain(state_dir / "optimizer.pt", resume_dir, accelerator.device))
 
 
 def seed_everything(seed: int) -> None:
