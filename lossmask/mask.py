@@ -28,6 +28,7 @@ import numpy as np
 from lossmask.errors import EpisodeError
 from lossmask.example import Example
 from lossmask.render.base import Label, Rendered
+from lossmask.tokenizer import exact_backend
 
 STRADDLE_POLICIES = ("include", "exclude")
 TRUNCATION_POLICIES = ("turn", "keep-start", "drop")
@@ -49,20 +50,18 @@ class MaskOptions:
 
 
 class Masker:
-    """Owns a copy of the Rust tokenizer configured for exact, unpadded, untruncated encoding."""
+    """Tokenizes whole rendered texts once, unpadded and untruncated, and turns their spans into weights."""
 
     def __init__(self, tokenizer, options: MaskOptions = MaskOptions()):
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self.backend.no_padding()
-        self.backend.no_truncation()
+        self.backend = exact_backend(tokenizer)
         self.options = options
         added = sorted((t.content for t in self.backend.get_added_tokens_decoder().values()), key=len, reverse=True)
         self._after_added = re.compile("(" + "|".join(map(re.escape, added)) + ") ") if added else None
 
     def mask(self, rendered: list[Rendered]) -> list[Example | EpisodeError]:
         """Mask a batch; each item is an Example or the EpisodeError that rejects it."""
+        if self.backend.truncation is not None or self.backend.padding is not None:
+            self.backend = exact_backend(self.backend)  # the shared backend was switched since: copy, exact
         encodings = self.backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
         out: list[Example | EpisodeError] = []
         for r, enc in zip(rendered, encodings):

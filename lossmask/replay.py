@@ -62,6 +62,7 @@ from rich.table import Table
 from lossmask.errors import InputError, InputProblem, LossmaskError
 from lossmask.atomic import atomic_file
 from lossmask.mix import json_object, open_lines
+from lossmask.tokenizer import exact_backend
 
 DOCUMENTS: tuple[str, ...] = ("file", "blank-line")
 CUTS: tuple[str, ...] = ("paragraph", "sentence", "whitespace", "token", "end")
@@ -122,7 +123,7 @@ def build_replay(
         raise LossmaskError(f"--seed must be >= 0, got {seed}")
     if not inputs:
         raise LossmaskError("replay needs at least one input")
-    tok = _backend(_counting_tokenizer(tokenizer, [str(p) for p in inputs], trust_remote_code))
+    tok = exact_backend(_counting_tokenizer(tokenizer, [str(p) for p in inputs], trust_remote_code))
     report = ReplayReport(str(output), max_tokens)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,10 +170,9 @@ def build_replay(
 def chunk_text(pieces: Iterable[str], tokenizer, max_tokens: int) -> Iterator[Chunk]:
     """Cut the text given as ``pieces`` into chunks of at most ``max_tokens`` tokens (module docstring).
 
-    ``tokenizer``: a ``tokenizers.Tokenizer`` (used as is) or a transformers fast tokenizer (its backend is
-    copied, which takes a moment for large vocabularies: convert once with a Tokenizer for many calls).
+    ``tokenizer``: a ``tokenizers.Tokenizer`` or a transformers fast tokenizer (see ``exact_backend``).
     """
-    backend = _backend(tokenizer)
+    backend = exact_backend(tokenizer)
     source = iter(pieces)
     buf = ""
     want = _CHARS_PER_TOKEN * max_tokens
@@ -226,17 +226,6 @@ def print_replay_report(report: ReplayReport, console: Console | None = None) ->
 
 
 # ---- cutting ---------------------------------------------------------------------------------------
-
-
-def _backend(tokenizer):
-    from tokenizers import Tokenizer
-
-    if isinstance(tokenizer, Tokenizer):
-        return tokenizer
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.no_padding()
-    backend.no_truncation()
-    return backend
 
 
 def _starts(backend, text: str) -> list[int]:

@@ -76,6 +76,27 @@ def test_llama3_multi_turn_trains_trimmed_content_and_eot(llama3):
     assert rendered[0].notes == []
 
 
+def test_masker_encodes_whole_text_even_when_the_tokenizer_pads_or_truncates(llama3):
+    from lossmask.tokenizer import load_tokenizer
+
+    assert Masker(llama3).backend is llama3.backend_tokenizer  # exact already: used as it is, not copied
+    rendered, [reference] = masked(llama3, conv(U("Hi there"), A("Hello! " * 20)))
+    tok = load_tokenizer(llama3.name_or_path)
+    tok.backend_tokenizer.enable_truncation(8)
+    tok.backend_tokenizer.enable_padding(length=512)
+    [ex] = Masker(tok).mask(rendered)
+    assert ex.input_ids.tolist() == reference.input_ids.tolist() and len(ex.input_ids) > 8
+    assert ex.weights.tolist() == reference.weights.tolist()
+    assert tok.backend_tokenizer.truncation["max_length"] == 8 and tok.backend_tokenizer.padding["length"] == 512
+    shared = Masker(llama3)
+    try:
+        llama3("x " * 50, truncation=True, max_length=4)  # transformers leaves the backend truncating after this
+        assert llama3.backend_tokenizer.truncation is not None
+        assert shared.mask(rendered)[0].input_ids.tolist() == reference.input_ids.tolist()
+    finally:
+        llama3.backend_tokenizer.no_truncation()  # a session fixture: leave it as found
+
+
 def test_llama3_template_dropping_tool_calls_is_reported(llama3):
     episode = conv(
         U("Weather in Paris?"), A("Let me check."),

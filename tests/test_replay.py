@@ -13,7 +13,8 @@ from rich.console import Console
 from lossmask.episode import Replay
 from lossmask.errors import InputError, LossmaskError
 from lossmask.prepare import PrepareOptions, prepare
-from lossmask.replay import _backend, build_replay, chunk_text, print_replay_report
+from lossmask.replay import build_replay, chunk_text, print_replay_report
+from lossmask.tokenizer import exact_backend
 from lossmask.sources import read_episodes
 from tests.tokenizers_cache import tokenizer_dir
 
@@ -32,7 +33,7 @@ def prose(sentences: int, seed: int = 0) -> str:
 @pytest.fixture(scope="module")
 def qwen3_fast(qwen3):
     """The Rust tokenizer, copied once (copying qwen3's 150k vocabulary takes about a second)."""
-    return _backend(qwen3)
+    return exact_backend(qwen3)
 
 
 def count(tok, text: str) -> int:
@@ -49,7 +50,7 @@ def test_chunks_rebuild_the_text_and_hold_at_most_max_tokens(request, name, max_
     tok = request.getfixturevalue(name)
     text = prose(40 if max_tokens < 10 else 150, seed=max_tokens)
     pieces = [text[i : i + 97] for i in range(0, len(text), 97)]  # pieces cut anywhere, even mid-word
-    chunks = list(chunk_text(pieces, _backend(tok), max_tokens))
+    chunks = list(chunk_text(pieces, exact_backend(tok), max_tokens))
     assert "".join(c.text for c in chunks) == text
     for c in chunks:
         assert c.tokens == count(tok, c.text) <= max_tokens
