@@ -101,7 +101,7 @@ def parse_models(spec: str) -> list[tuple[str, str]]:
 def read_eval_file(path: str | Path) -> tuple[list[_Prompt], list]:
     """(prompts, pairs) of an eval file; a bad line is an error naming file, line and field."""
     from lossmask.pairs import is_pair_record, parse_pair
-    from lossmask.sources import _load_line, parse_record
+    from lossmask.sources import load_line, parse_record
 
     name = str(path)
     if not Path(name).is_file():
@@ -114,7 +114,7 @@ def read_eval_file(path: str | Path) -> tuple[list[_Prompt], list]:
                 continue
             source = Source(name, lineno)
             try:
-                obj = _load_line(raw)
+                obj = load_line(raw)
                 if is_pair_record(obj):
                     pair = parse_pair(obj, source)
                     pairs.append(pair)
@@ -320,7 +320,7 @@ def generate_batch(
     import torch
     from transformers import StoppingCriteriaList
 
-    from lossmask.train.generate import _StopOnText
+    from lossmask.train.generate import StopOnText
 
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -346,7 +346,7 @@ def generate_batch(
                 generated = model.generate(
                     input_ids=ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
                     do_sample=False, eos_token_id=sorted(stop_ids) or None, pad_token_id=pad,
-                    stopping_criteria=StoppingCriteriaList([_StopOnText(tokenizer, stops, width)]),
+                    stopping_criteria=StoppingCriteriaList([StopOnText(tokenizer, stops, width)]),
                 )
             for k, i in enumerate(rows):
                 out[i] = _trim(tokenizer, generated[k, width:].tolist(), ends[i], stop_ids, pad)

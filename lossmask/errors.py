@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class LossmaskError(Exception):
@@ -63,3 +64,23 @@ class EpisodeError(LossmaskError):
 
     def at(self, file: str, line: int) -> InputProblem:
         return InputProblem(file, line, self.reason, self.message, self.field, self.hint)
+
+
+def json_kind(value: Any) -> str:
+    """What kind of JSON value ``value`` is, as an error message says it ("a string", "an array", "null").
+
+    Shared so that the input readers and the workspace tools name a wrong value's type in the same words.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

@@ -117,15 +117,25 @@ def message_record(m: Message) -> dict[str, Any]:
     return record
 
 
-def episode_record(episode: Conversation, messages: list[dict] | None = None, meta: dict | None = None) -> dict:
-    """A conversation in the native schema (``messages`` and ``_meta`` replaced when given)."""
-    record: dict[str, Any] = {k: v for k, v in episode.meta.items() if k != "_meta"}
+def _conversation_fields(episode: Conversation) -> dict[str, Any]:
+    """The episode's ``system``, ``language`` and ``tools`` as the native schema writes them (those it has).
+
+    Episode records and pair records carry them the same way, in this order.
+    """
+    record: dict[str, Any] = {}
     if episode.system is not None:
         record["system"] = episode.system
     if episode.language is not None:
         record["language"] = episode.language
     if episode.tools:
         record["tools"] = list(episode.tools)
+    return record
+
+
+def episode_record(episode: Conversation, messages: list[dict] | None = None, meta: dict | None = None) -> dict:
+    """A conversation in the native schema (``messages`` and ``_meta`` replaced when given)."""
+    record: dict[str, Any] = {k: v for k, v in episode.meta.items() if k != "_meta"}
+    record.update(_conversation_fields(episode))
     record["messages"] = messages if messages is not None else [message_record(m) for m in episode.messages]
     old = episode.meta.get("_meta")
     merged = {**(old if isinstance(old, dict) else {}), **(meta or {})}
@@ -450,13 +460,7 @@ def build_pairs(
 def _pair_record(answered: _Answered, rejected: Message, meta: dict) -> dict:
     """A pair in the pair schema (pairs.py): the prompt without train/weight, the SFT answer, the negative."""
     episode = answered.episode
-    record: dict[str, Any] = {}
-    if episode.system is not None:
-        record["system"] = episode.system
-    if episode.language is not None:
-        record["language"] = episode.language
-    if episode.tools:
-        record["tools"] = list(episode.tools)
+    record = _conversation_fields(episode)
     record["prompt"] = [_plain(m) for m in episode.messages[:-1]]
     record["chosen"] = _plain(episode.messages[-1])
     record["rejected"] = _plain(rejected)

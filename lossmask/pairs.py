@@ -32,9 +32,7 @@ Policies:
 """
 from __future__ import annotations
 
-import gzip
 import re
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,10 +44,14 @@ from lossmask.episode import TRAINED_BY_DEFAULT, Conversation, Episode, Source
 from lossmask.errors import EpisodeError, InputError, InputProblem, LossmaskError
 from lossmask.example import Example
 from lossmask.mask import MaskOptions
-from lossmask.prepare import Kind, PrepareOptions, PrepareSummary, Result, Worker, prepare_kind, turn_end_ids
+from lossmask.prepare import (
+    Kind, PrepareOptions, PrepareSummary, Result, Worker, prepare_kind, start_result, turn_end_ids,
+)
 from lossmask.render import RenderOptions
 from lossmask.render.base import Label, Rendered
-from lossmask.sources import DEFAULT_MAX_LINE_BYTES, _lines, _load_line, _too_long, detect_format, parse_record
+from lossmask.sources import (
+    DEFAULT_MAX_LINE_BYTES, detect_format, load_line, open_input, parse_record, read_lines, too_long,
+)
 from lossmask.store import PAIR_SIDES, PAIRS_KIND
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -89,22 +91,15 @@ def read_pairs(path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -
         yield InputProblem(name, 1, "format_mismatch", "preference pairs are read from JSONL, not plain text",
                            hint='write one {"prompt", "chosen", "rejected"} object a line')
         return
-    try:
-        f = gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb")
-    except OSError as exc:
-        raise LossmaskError(f"cannot open {name}: {exc.strerror or exc}") from exc
-    with f:
-        try:
-            for lineno, raw, size in _lines(f, max_line_bytes):
-                if raw is None:
-                    yield _too_long(name, lineno, size, max_line_bytes, "line")
-                elif not raw.isspace():
-                    try:
-                        yield _pair(_load_line(raw), Source(name, lineno))
-                    except EpisodeError as exc:
-                        yield exc.at(name, lineno)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise LossmaskError(f"cannot read {name}: {exc}") from exc
+    with open_input(name) as f:
+        for lineno, raw, size in read_lines(f, max_line_bytes):
+            if raw is None:
+                yield too_long(name, lineno, size, max_line_bytes, "line")
+            elif not raw.isspace():
+                try:
+                    yield _pair(load_line(raw), Source(name, lineno))
+                except EpisodeError as exc:
+                    yield exc.at(name, lineno)
 
 
 def _pair(obj: Any, source: Source) -> Pair:
@@ -271,13 +266,10 @@ class PairWorker(Worker):
         results = []
         pending: list[tuple[Result, Pair, list[Rendered]]] = []
         for fi, item in chunk:
-            if isinstance(item, InputProblem):
-                result = Result(fi, item.line)
-                result.reject(item)
-                results.append(result)
-                continue
-            result = Result(fi, item.source.line)
+            result = start_result(fi, item)
             results.append(result)
+            if isinstance(item, InputProblem):
+                continue
             try:
                 pending.append((result, item, [self._render(item, side, result) for side in PAIR_SIDES]))
             except EpisodeError as exc:

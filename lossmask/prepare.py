@@ -116,6 +116,19 @@ class Result:
             self.problem = problem
 
 
+def start_result(file_index: int, item: Any) -> Result:
+    """The Result of one read unit: ``item`` is an Episode or a Pair (anything with a ``source``), or the
+    InputProblem read in its place, which rejects the unit at once.
+
+    Shared by every ``Kind.worker`` so that a unit rejected while reading is reported the same way.
+    """
+    if isinstance(item, InputProblem):
+        result = Result(file_index, item.line)
+        result.reject(item)
+        return result
+    return Result(file_index, item.source.line)
+
+
 Item = tuple[int, "Episode | InputProblem"]
 
 
@@ -136,13 +149,10 @@ class Worker:
         results = []
         pending: list[tuple[Result, Rendered]] = []  # masked in one batch
         for fi, item in chunk:
-            if isinstance(item, InputProblem):
-                result = Result(fi, item.line)
-                result.reject(item)
-                results.append(result)
-                continue
-            result = Result(fi, item.source.line)
+            result = start_result(fi, item)
             results.append(result)
+            if isinstance(item, InputProblem):
+                continue
             if self.options.pack_by_field:
                 result.group = _field_value(item, self.options.pack_by_field)
             try:

@@ -51,6 +51,7 @@ import gzip
 import json
 import math
 import zlib
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping
@@ -65,7 +66,7 @@ from lossmask.episode import (
     Source,
     TextPair,
 )
-from lossmask.errors import EpisodeError, InputError, InputProblem, LossmaskError
+from lossmask.errors import EpisodeError, InputError, InputProblem, LossmaskError, json_kind
 
 INPUT_FORMATS: tuple[str, ...] = (
     "auto",
@@ -174,25 +175,18 @@ def read_episodes(
             hint="use --input-format auto or marked_text, or convert the file to JSONL",
         )
         return
-    try:
-        f = gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb")
-    except OSError as exc:
-        raise LossmaskError(f"cannot open {name}: {exc.strerror or exc}") from exc
-    with f:
-        try:
-            if plain:
-                yield from _read_txt(name, f, max_line_bytes, episode_separator)
-                return
-            for lineno, raw, size in _lines(f, max_line_bytes):
-                if raw is None:
-                    yield _too_long(name, lineno, size, max_line_bytes, "line")
-                elif not raw.isspace():
-                    try:
-                        yield parse_line(raw, Source(name, lineno), input_format, max_line_bytes)
-                    except InputError as exc:
-                        yield exc.problem
-        except (OSError, EOFError, zlib.error) as exc:
-            raise LossmaskError(f"cannot read {name}: {exc}") from exc
+    with open_input(name) as f:
+        if plain:
+            yield from _read_txt(name, f, max_line_bytes, episode_separator)
+            return
+        for lineno, raw, size in read_lines(f, max_line_bytes):
+            if raw is None:
+                yield too_long(name, lineno, size, max_line_bytes, "line")
+            elif not raw.isspace():
+                try:
+                    yield parse_line(raw, Source(name, lineno), input_format, max_line_bytes)
+                except InputError as exc:
+                    yield exc.problem
 
 
 def parse_line(
@@ -204,9 +198,9 @@ def parse_line(
     """Parse one JSONL line (bytes, with or without its newline); raise InputError if it is bad."""
     size = len(raw) - raw.endswith(b"\n")
     if size > max_line_bytes:
-        raise InputError(_too_long(source.file, source.line, size, max_line_bytes, "line"))
+        raise InputError(too_long(source.file, source.line, size, max_line_bytes, "line"))
     try:
-        return _record(_load_line(raw), source, input_format)
+        return _record(load_line(raw), source, input_format)
     except EpisodeError as exc:
         raise InputError(exc.at(source.file, source.line)) from None
 
@@ -232,7 +226,25 @@ def detect_format(obj: Mapping[str, Any]) -> str | None:
 # ---- reading lines ---------------------------------------------------------------------------------
 
 
-def _lines(f: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+@contextmanager
+def open_input(name: str) -> Iterator[IO[bytes]]:
+    """``name`` opened for reading bytes (``.gz`` transparently), for the readers of episodes and of pairs.
+
+    One place for what every reader says: a file that cannot be opened, or that fails while it is read
+    (I/O error, truncated or corrupt gzip), raises LossmaskError naming it.
+    """
+    try:
+        f = gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb")
+    except OSError as exc:
+        raise LossmaskError(f"cannot open {name}: {exc.strerror or exc}") from exc
+    with f:
+        try:
+            yield f
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LossmaskError(f"cannot read {name}: {exc}") from exc
+
+
+def read_lines(f: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None, int]]:
     """(line number, raw bytes or None when over ``limit``, size without the final newline).
 
     A line over the limit is skipped in chunks, never held whole, so a huge line cannot exhaust memory.
@@ -255,7 +267,8 @@ def _lines(f: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None, int]]:
         yield lineno, None, size - raw.endswith(b"\n")
 
 
-def _too_long(file: str, line: int, size: int, limit: int, what: str) -> InputProblem:
+def too_long(file: str, line: int, size: int, limit: int, what: str) -> InputProblem:
+    """The problem of a line (or .txt episode, ``what``) of ``size`` bytes over the ``limit``."""
     return InputProblem(
         file,
         line,
@@ -277,7 +290,8 @@ def _decode(raw: bytes) -> str:
         ) from None
 
 
-def _load_line(raw: bytes) -> Any:
+def load_line(raw: bytes) -> Any:
+    """One raw JSONL line decoded (UTF-8, a leading BOM ignored) and parsed; EpisodeError saying what is wrong."""
     text = _decode(raw).removeprefix("\ufeff")
     try:
         obj = json.loads(text)
@@ -334,7 +348,7 @@ def _read_txt(name: str, f: IO[bytes], limit: int, separator: str) -> Iterator[E
     lines: list[str] = []
     first = size = 0  # first: line number where the current episode starts (0 = not started)
     problem: InputProblem | None = None
-    for lineno, raw, n in _lines(f, limit):
+    for lineno, raw, n in read_lines(f, limit):
         if raw is not None and raw.strip() == sep:
             item = _txt_episode(name, first, lines, problem)
             if item is not None:
@@ -346,7 +360,7 @@ def _read_txt(name: str, f: IO[bytes], limit: int, separator: str) -> Iterator[E
         first = first or lineno
         size += n
         if raw is None or size > limit:
-            problem, lines = _too_long(name, first, size, limit, "episode"), []
+            problem, lines = too_long(name, first, size, limit, "episode"), []
             continue
         try:
             text = _decode(raw)
@@ -386,7 +400,7 @@ def _record(obj: Any, source: Source, input_format: str) -> Episode:
         hint = "each line must be one JSON object {...}"
         if isinstance(obj, list):
             hint += "; for a JSON array of records write one record per line (jq -c '.[]' file.json)"
-        raise EpisodeError("not_object", f"line is {_kind(obj)}, not a JSON object", hint=hint)
+        raise EpisodeError("not_object", f"line is {json_kind(obj)}, not a JSON object", hint=hint)
     if "_replay" in obj:
         return _replay(obj, source)
     fmt = input_format
@@ -606,7 +620,7 @@ def _prompt_completion(obj: dict, source: Source) -> Episode:
     raise EpisodeError(
         "bad_type",
         "prompt and completion must both be strings or both be message lists, "
-        f"got {_kind(prompt)} and {_kind(completion)}",
+        f"got {json_kind(prompt)} and {json_kind(completion)}",
         field,
         'write "prompt": "...", "completion": "..." or TRL\'s conversational form with two lists of messages',
     )
@@ -751,7 +765,7 @@ def _arguments(value: Any, field: str) -> dict[str, Any]:
     if isinstance(value, str):
         value = _nested_json(value, field, "bad_arguments", hint)
     if not isinstance(value, dict):
-        raise EpisodeError("bad_arguments", f"arguments must be an object, got {_kind(value)}", field, hint)
+        raise EpisodeError("bad_arguments", f"arguments must be an object, got {json_kind(value)}", field, hint)
     return value
 
 
@@ -777,10 +791,10 @@ def _tools(obj: dict) -> tuple[dict[str, Any], ...] | None:
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list):
-        raise EpisodeError("bad_tools", f"tools must be a list of schemas, got {_kind(tools)}", "tools", hint)
+        raise EpisodeError("bad_tools", f"tools must be a list of schemas, got {json_kind(tools)}", "tools", hint)
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
-            raise EpisodeError("bad_tools", f"tool {i} is {_kind(tool)}, not an object", f"tools[{i}]", hint)
+            raise EpisodeError("bad_tools", f"tool {i} is {json_kind(tool)}, not an object", f"tools[{i}]", hint)
     return tuple(tools)
 
 
@@ -870,7 +884,7 @@ def _content(m: dict, key: str, path: str, required: bool = True) -> str | None:
     if not isinstance(value, list):
         raise EpisodeError(
             "bad_content",
-            f"content must be a string or a list of text parts, got {_kind(value)}",
+            f"content must be a string or a list of text parts, got {json_kind(value)}",
             field,
             f'write the text as a JSON string: "{key}": "..."',
         )
@@ -917,7 +931,7 @@ def _object(value: Any, path: str) -> dict:
 
 
 def _bad_type(field: str, expected: str, value: Any) -> EpisodeError:
-    message = f"{field} must be {expected}, got {_kind(value)}"
+    message = f"{field} must be {expected}, got {json_kind(value)}"
     return EpisodeError("bad_type", message, field, f"write {field} as {expected}")
 
 
@@ -954,26 +968,10 @@ def _keys(obj: dict) -> str:
     return f"[{shown}{', ...' if len(keys) > 10 else ''}]"
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
 def _short(value: Any) -> str:
     """A short printable form of a user value for messages (never the whole of a large value)."""
     if isinstance(value, str):
         return repr(value[:60]) + ("..." if len(value) > 60 else "")
     if isinstance(value, (list, dict)):
-        return _kind(value)
+        return json_kind(value)
     return repr(value)

@@ -39,7 +39,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from lossmask.errors import LossmaskError
+from lossmask.errors import LossmaskError, json_kind
 
 SUFFIXES = (".md", ".txt")
 SNIPPET_CHARS = 180  # longest snippet a search result shows
@@ -280,7 +280,7 @@ def check_call(name: Any, arguments: Any) -> str | None:
     if not isinstance(name, str) or name not in _SCHEMAS:
         return f"unknown tool {name!r}; available tools: {', '.join(TOOL_NAMES)}"
     if not isinstance(arguments, dict):
-        return f"arguments of {name} must be a JSON object, got {_kind(arguments)}"
+        return f"arguments of {name} must be a JSON object, got {json_kind(arguments)}"
     schema = _SCHEMAS[name]
     properties = schema["properties"]
     takes = ", ".join(f"{key} ({spec['type']})" for key, spec in properties.items()) or "no arguments"
@@ -294,7 +294,7 @@ def check_call(name: Any, arguments: Any) -> str | None:
         spec = properties[key]
         python_type, described = _TYPES[spec["type"]]
         if isinstance(value, bool) or not isinstance(value, python_type):
-            return f"argument {key!r} of {name} must be {described}, got {_kind(value)}"
+            return f"argument {key!r} of {name} must be {described}, got {json_kind(value)}"
         if isinstance(value, str):
             if len(value) < spec.get("minLength", 0):
                 return f"argument {key!r} of {name} must not be empty"
@@ -334,7 +334,7 @@ def _ordinal(before: str, after: str) -> bool:
 def _check_relative(value: Any, field: str, allow_empty: bool) -> None:
     """Refuse ids that are not plain relative paths inside the workspace (the confinement rule)."""
     if not isinstance(value, str):
-        raise WorkspaceError(f"{field} must be a string, got {_kind(value)}")
+        raise WorkspaceError(f"{field} must be a string, got {json_kind(value)}")
     if not value and not allow_empty:
         raise WorkspaceError(f"{field} is empty; give a doc id such as handbook/travel-policy")
     if "\x00" in value:
@@ -408,19 +408,3 @@ def _stem(doc_id: str) -> str:
     for suffix in SUFFIXES:
         lowered = lowered.removesuffix(suffix)
     return lowered
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.tokenizers_cache import PACKAGES, TokenizerUnavailable, tokenizer_dir
+
+if TYPE_CHECKING:
+    from lossmask.example import Example
 
 _loaded: dict = {}
 
@@ -25,6 +29,28 @@ def load_test_tokenizer(name: str):
 
         _loaded[name] = load_tokenizer(str(path))
     return _loaded[name]
+
+
+def make_example(tok, pieces, line: int = 1, truncated: bool = False, file: str = "chats.jsonl") -> Example:
+    """An Example from (text, label, weight) pieces, each tokenized on its own with the real tokenizer.
+
+    Shared by the store and validate tests, which build their datasets from the same kind of examples.
+    """
+    import numpy as np
+
+    from lossmask.episode import Source
+    from lossmask.example import Example
+
+    ids, weights, labels = [], [], []
+    for text, label, weight in pieces:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        weights += [weight] * len(piece)
+        labels += [int(label)] * len(piece)
+    return Example(
+        np.array(ids, dtype=np.uint32), np.array(weights, dtype=np.float32), np.array(labels, dtype=np.uint8),
+        Source(file, line), truncated=truncated,
+    )
 
 
 @pytest.fixture(scope="session")

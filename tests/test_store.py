@@ -15,22 +15,9 @@ from lossmask.example import Example
 from lossmask.render.base import Label
 from lossmask.store import METADATA, DatasetWriter, load_tokenizer_of, open_dataset, read_metadata
 from lossmask.tokenizer import tokenizer_identity
+from tests.conftest import make_example
 
 INPUTS = ["chats.jsonl", "more.jsonl"]
-
-
-def make_example(tok, pieces, file="chats.jsonl", line=1, truncated=False) -> Example:
-    """An Example from (text, label, weight) pieces, each tokenized on its own with the real tokenizer."""
-    ids, weights, labels = [], [], []
-    for text, label, weight in pieces:
-        piece = tok(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        weights += [weight] * len(piece)
-        labels += [int(label)] * len(piece)
-    return Example(
-        np.array(ids, dtype=np.uint32), np.array(weights, dtype=np.float32), np.array(labels, dtype=np.uint8),
-        Source(file, line), truncated=truncated,
-    )
 
 
 def chat(tok, user: str, answer: str, line: int, weight: float = 1.0, file: str = "chats.jsonl") -> Example:

@@ -274,31 +274,20 @@ def test_lora_trains_an_adapter_that_merges(tmp_path, tok_dir, base_dir):
 
 
 def test_lora_and_quantization_errors(tmp_path, tok_dir, base_dir):
+    def one_step(model: Path = base_dir, **kwargs):
+        """A one-window run from ``model`` (the saved base): each case below differs only in its options."""
+        return train(tmp_path, items(2), tok_dir, model=str(model), cfg=config_from_dict({"max_iters": 1}), **kwargs)
+
     with pytest.raises(LossmaskError, match="unknown key 'rank'"):
-        train(tmp_path, items(2), tok_dir, model=str(base_dir), cfg=config_from_dict({"max_iters": 1}), lora="rank=4")
+        one_step(lora="rank=4")
     with pytest.raises(LossmaskError, match="not modules of this model; its weight layers: .*q_proj.*v_proj"):
-        train(
-            tmp_path,
-            items(2),
-            tok_dir,
-            model=str(base_dir),
-            cfg=config_from_dict({"max_iters": 1}),
-            lora="targets=c_attn",
-        )
+        one_step(lora="targets=c_attn")
     with pytest.raises(LossmaskError, match="preset built from scratch"):
         train(tmp_path, items(2), tok_dir, cfg=config(max_iters=1), lora="r=4")
     with pytest.raises(LossmaskError, match="bitsandbytes|CUDA"):
-        train(
-            tmp_path,
-            items(2),
-            tok_dir,
-            model=str(base_dir),
-            cfg=config_from_dict({"max_iters": 1}),
-            lora="r=4",
-            quantize="4bit",
-        )
+        one_step(lora="r=4", quantize="4bit")
     with pytest.raises(LossmaskError, match="could not load model"):
-        train(tmp_path, items(2), tok_dir, model=str(tmp_path), cfg=config_from_dict({"max_iters": 1}))
+        one_step(model=tmp_path)
 
 
 def test_generate_greedy_stops_on_stop_strings(tmp_path, tok_dir):

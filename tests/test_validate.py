@@ -8,28 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lossmask.episode import Source
 from lossmask.example import Example
 from lossmask.render.base import Label
 from lossmask.store import METADATA, DatasetWriter, open_dataset
 from lossmask.validate import format_report, validate_dataset
+from tests.conftest import make_example
 
 INPUTS = ["chats.jsonl"]
 STOP = 2  # llama2 </s>
-
-
-def make_example(tok, pieces, line: int, truncated: bool = False) -> Example:
-    """An Example from (text, label, weight) pieces, each tokenized on its own with the real tokenizer."""
-    ids, weights, labels = [], [], []
-    for text, label, weight in pieces:
-        piece = tok(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        weights += [weight] * len(piece)
-        labels += [int(label)] * len(piece)
-    return Example(
-        np.array(ids, dtype=np.uint32), np.array(weights, dtype=np.float32), np.array(labels, dtype=np.uint8),
-        Source("chats.jsonl", line), truncated=truncated,
-    )
 
 
 def turn(user: str, answer: str, weight: float = 1.0, stop: str = "</s>") -> list:

@@ -20,7 +20,9 @@ cannot carry another.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lossmask.episode import Conversation, Source
 from lossmask.errors import LossmaskError
@@ -196,7 +198,6 @@ def passes(result: GateResult, threshold: float = 0.9) -> bool:
 def print_gate(result: GateResult, console=None) -> None:
     """The gate's outcome as rich tables: per language, then the first samples."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -209,13 +210,29 @@ def print_gate(result: GateResult, console=None) -> None:
         style = "bold" if name == "all" else None
         table.add_row(name, str(passed), str(total), f"{rate:.1%}", f"{exact:.1%}", style=style)
     console.print(table)
-    if result.failures:
-        console.print("failures: " + ", ".join(f"{reason} {count}" for reason, count in result.failures.items()))
-    if result.samples:
-        samples = Table(title="samples")
+    print_failures_and_samples(
+        console, result.failures, result.samples,
+        lambda s: ("[green]pass[/]" + (" (exact)" if s.exact else "")) if s.passed else f"[red]{s.reason}[/]",
+    )
+
+
+def print_failures_and_samples(
+    console: Any, failures: dict[str, int], samples: Sequence[Any], verdict: Callable[[Any], str]
+) -> None:
+    """The failure counts and the samples table printed under a gate's table (every gate shows them alike).
+
+    ``samples`` have ``language``, ``prompt``, ``expected`` and ``generation``; ``verdict`` writes a sample's
+    result cell (rich markup).
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    if failures:
+        console.print("failures: " + ", ".join(f"{reason} {count}" for reason, count in failures.items()))
+    if samples:
+        table = Table(title="samples")
         for column in ("lang", "prompt", "expected", "generation", "result"):
-            samples.add_column(column, overflow="fold")
-        for s in result.samples:
-            verdict = ("[green]pass[/]" + (" (exact)" if s.exact else "")) if s.passed else f"[red]{s.reason}[/]"
-            samples.add_row(s.language, escape(s.prompt), escape(s.expected), escape(s.generation), verdict)
-        console.print(samples)
+            table.add_column(column, overflow="fold")
+        for s in samples:
+            table.add_row(s.language, escape(s.prompt), escape(s.expected), escape(s.generation), verdict(s))
+        console.print(table)

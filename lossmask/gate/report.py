@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lossmask.gate.format_lock import Tally
+from lossmask.gate.format_lock import Tally, print_failures_and_samples
 
 
 @dataclass
@@ -132,16 +132,10 @@ def print_gate_report(report: GateReport, console=None) -> None:
         rate = f"{c.rate:.1%}" if c.total else "-"
         table.add_row(escape(c.name), str(c.passed), str(c.total), rate, *per_language, threshold, result)
     console.print(table)
-    if report.failures:
-        console.print("failures: " + ", ".join(f"{reason} {count}" for reason, count in report.failures.items()))
-    if report.samples:
-        samples = Table(title="samples")
-        for column in ("lang", "prompt", "expected", "generation", "result"):
-            samples.add_column(column, overflow="fold")
-        for s in report.samples:
-            result = "[green]pass[/]" if s.passed else f"[red]{escape(s.reason or 'fail')}[/]"
-            samples.add_row(s.language, escape(s.prompt), escape(s.expected), escape(s.generation), result)
-        console.print(samples)
+    print_failures_and_samples(
+        console, report.failures, report.samples,
+        lambda s: "[green]pass[/]" if s.passed else f"[red]{escape(s.reason or 'fail')}[/]",
+    )
     if report.ood is not None:
         console.print(f"[bold]out-of-distribution prompts[/] (novel phrasings; warnings only, never a failure): "
                       f"{report.ood.prompts} prompts")

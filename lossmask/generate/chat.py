@@ -33,8 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from lossmask.generate.format_lock import LANGUAGES
-from lossmask.generate.prompts import check_request, draw_on_side, record, system_prompt
+from lossmask.generate.format_lock import LANGUAGES, check_request
+from lossmask.generate.prompts import draw_on_side, record, system_prompt
 
 PATTERN_WEIGHTS: dict[str, float] = {
     "smalltalk": 0.15,
@@ -372,8 +372,8 @@ def animal_fact(animal: tuple[str, str, int]) -> Fact:
         f"legs:{en.split()[-1]}",
         "animal",
         {"en": (f"How many legs does {en} have?",), "de": (f"Wie viele Beine hat {de}?",)},
-        {"en": (f"{_capital(en)} has {_NUMBER_WORDS['en'][legs]} legs.",),
-         "de": (f"{_capital(de)} hat {_NUMBER_WORDS['de'][legs]} Beine.",)},
+        {"en": (f"{upper_first(en)} has {_NUMBER_WORDS['en'][legs]} legs.",),
+         "de": (f"{upper_first(de)} hat {_NUMBER_WORDS['de'][legs]} Beine.",)},
     )
 
 
@@ -587,7 +587,11 @@ def _anti_echo(lang: str, langs: tuple[str, ...], rng: random.Random, held_out: 
     return record(system_prompt("medium", lang, rng), messages, lang, meta, held_out)
 
 
-def _capital(text: str) -> str:
+def upper_first(text: str) -> str:
+    """``text`` with its first letter upper-cased (unlike ``str.capitalize``, the rest is kept as it is).
+
+    Shared with the multi-turn generator, which starts sentences with the same noun phrases.
+    """
     return text[:1].upper() + text[1:]
 
 

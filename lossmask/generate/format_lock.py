@@ -203,6 +203,24 @@ def is_held_out(prompt: str) -> bool:
     return int.from_bytes(digest, "little") % HELD_OUT_EVERY == 0
 
 
+def check_request(generator: str | None, n: int, languages: Iterable[str]) -> tuple[str, ...]:
+    """Validate ``n`` and ``languages`` the same way for every generator; return the languages as a tuple.
+
+    Messages start with ``generator``'s name when one is given (this module and the tool generators give
+    none). It lives in this module, the one every generator imports, so that format_lock can use it too.
+    """
+    prefix = f"{generator}: " if generator is not None else ""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise LossmaskError(f"{prefix}n must be a non-negative integer number of episodes, got {n!r}")
+    langs = tuple(languages)
+    unknown = [lang for lang in langs if lang not in LANGUAGES]
+    if not langs or unknown:
+        raise LossmaskError(
+            f"{prefix}languages must be a non-empty selection of {', '.join(LANGUAGES)}; got {list(langs)!r}"
+        )
+    return langs
+
+
 def generate_format_lock(
     n: int, seed: int, languages: Iterable[str] = LANGUAGES, held_out: bool = False
 ) -> list[dict]:
@@ -211,14 +229,7 @@ def generate_format_lock(
     ``held_out=True`` draws only from the held-out side of the split, whose prompts the training side
     (``held_out=False``) never produces, whatever the seeds.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise LossmaskError(f"n must be a non-negative integer number of episodes, got {n!r}")
-    langs = tuple(languages)
-    unknown = [lang for lang in langs if lang not in LANGUAGES]
-    if not langs or unknown:
-        raise LossmaskError(
-            f"languages must be a non-empty selection of {', '.join(LANGUAGES)}; got {list(langs)!r}"
-        )
+    langs = check_request(None, n, languages)
     rng = random.Random(f"format_lock\0{seed}\0{held_out}")
     dealers: dict[tuple[str, str], Iterator[tuple[str, str]]] = {}
     records = []

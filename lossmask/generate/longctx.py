@@ -30,8 +30,8 @@ from collections.abc import Iterable
 
 from lossmask.errors import LossmaskError
 from lossmask.generate.chat import Entity, format_context, make_entity, make_name, unique_names
-from lossmask.generate.format_lock import LANGUAGES
-from lossmask.generate.prompts import check_request, draw_on_side, record, split_name, system_prompt
+from lossmask.generate.format_lock import LANGUAGES, check_request
+from lossmask.generate.prompts import draw_on_side, record, split_name, system_prompt
 
 CHARS_PER_TOKEN: dict[str, float] = {"en": 3.6, "de": 3.1}
 MIN_TARGET_TOKENS = 100

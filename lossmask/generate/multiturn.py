@@ -39,9 +39,10 @@ from lossmask.generate.chat import (
     country_fact,
     facts,
     smalltalk_space,
+    upper_first,
 )
-from lossmask.generate.format_lock import LANGUAGES
-from lossmask.generate.prompts import check_request, draw_on_side, record, system_prompt
+from lossmask.generate.format_lock import LANGUAGES, check_request
+from lossmask.generate.prompts import draw_on_side, record, system_prompt
 
 PATTERNS: tuple[str, ...] = ("follow_up", "clarification", "topic_switch", "carry_over")
 
@@ -175,7 +176,7 @@ def _clarification(lang: str, rng: random.Random) -> tuple[Turns, dict]:
     elif what == "animal":
         animal = rng.choice(ANIMALS)
         name = animal[1] if lang == "de" else animal[0]
-        fact, slots = animal_fact(animal), {"x": name, "X": _capital(name), "dat": _dative(name)}
+        fact, slots = animal_fact(animal), {"x": name, "X": upper_first(name), "dat": _dative(name)}
         vague = _AMBIGUOUS[lang]["legs"]
     else:
         op = rng.choice((0, 2))
@@ -242,10 +243,6 @@ def _dative(noun_phrase: str) -> str:
     """German indefinite article in the dative: ein -> einem, eine -> einer (nouns stay as they are)."""
     article, _, noun = noun_phrase.partition(" ")
     return {"ein": "einem", "eine": "einer"}.get(article, article) + " " + noun
-
-
-def _capital(text: str) -> str:
-    return text[:1].upper() + text[1:]
 
 
 _BUILDERS = {

@@ -31,8 +31,8 @@ import random
 from collections.abc import Iterable
 from functools import partial
 
-from lossmask.generate.format_lock import LANGUAGES
-from lossmask.generate.prompts import check_request, draw_on_side, record, system_prompt
+from lossmask.generate.format_lock import LANGUAGES, check_request
+from lossmask.generate.prompts import draw_on_side, record, system_prompt
 
 OPERATORS: tuple[str, ...] = ("COPY", "WRAP", "EXTRACT")
 PAYLOAD_KINDS: tuple[str, ...] = ("word", "pair", "phrase", "number", "code", "nonce")

@@ -1,4 +1,5 @@
-"""System prompts by tier, plus the request checks and record frame every phase generator shares.
+"""System prompts by tier, plus the record frame every phase generator shares (the request check, which
+format_lock uses too, is ``format_lock.check_request``).
 
 The system prompt grows with the curriculum, so a small model first meets the short, fixed prompts and
 only later the longer ones it must actually read:
@@ -17,11 +18,11 @@ held-out key.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lossmask.errors import LossmaskError
-from lossmask.generate.format_lock import LANGUAGES, SYSTEM_PROMPTS, is_held_out
+from lossmask.generate.format_lock import SYSTEM_PROMPTS, is_held_out
 
 T = TypeVar("T")
 
@@ -68,19 +69,6 @@ def system_prompt(tier: str, language: str, rng: random.Random) -> str:
     if language not in table:
         raise LossmaskError(f"no {tier} system prompts in language {language!r}; choose one of {', '.join(table)}")
     return rng.choice(table[language])
-
-
-def check_request(generator: str, n: int, languages: Iterable[str]) -> tuple[str, ...]:
-    """Validate ``n`` and ``languages`` the same way for every generator; return the languages as a tuple."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise LossmaskError(f"{generator}: n must be a non-negative integer number of episodes, got {n!r}")
-    langs = tuple(languages)
-    unknown = [lang for lang in langs if lang not in LANGUAGES]
-    if not langs or unknown:
-        raise LossmaskError(
-            f"{generator}: languages must be a non-empty selection of {', '.join(LANGUAGES)}; got {list(langs)!r}"
-        )
-    return langs
 
 
 def draw_on_side(make: Callable[[], T], key: Callable[[T], str], held_out: bool, what: str) -> T:

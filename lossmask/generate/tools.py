@@ -65,10 +65,10 @@ from typing import Any
 
 from lossmask.episode import Source
 from lossmask.errors import InputError, LossmaskError
+from lossmask.generate.format_lock import LANGUAGES, check_request
 from lossmask.sources import parse_record
 from lossmask.workspace import DEFAULT_TOP_K, Workspace, check_call, sample_workspace
 
-LANGUAGES: tuple[str, ...] = ("en", "de")
 PATTERNS: tuple[str, ...] = (
     "SEARCH_ANSWER", "SEARCH_GETDOC_ANSWER", "LIST_SELECT_SUMMARIZE", "ERROR_RECOVERY", "NO_TOOL",
 )
@@ -290,11 +290,7 @@ def _generate(
     held_out: bool,
     workspace: Workspace | str | Path | None,
 ) -> list[dict]:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise LossmaskError(f"n must be a non-negative integer number of episodes, got {n!r}")
-    langs = tuple(languages)
-    if not langs or any(lang not in LANGUAGES for lang in langs):
-        raise LossmaskError(f"languages must be a non-empty selection of {', '.join(LANGUAGES)}; got {list(langs)!r}")
+    langs = check_request(None, n, languages)
     if n == 0:
         return []
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace or sample_workspace())

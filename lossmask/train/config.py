@@ -147,11 +147,11 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfi
             close = difflib.get_close_matches(str(key), keys, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(keys)}"
             raise LossmaskError(f"{source}: unknown config key {key!r}{hint}")
-        values[key] = _coerce(key, value, hints[key], source)
+        values[key] = coerce(key, value, hints[key], source)
     return TrainConfig(**values)
 
 
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+def coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     """Check a value against the field's type; ints are accepted for floats (YAML writes 1e-4 as a string too)."""
     allowed = get_args(hint) if get_origin(hint) is not None else (hint,)
     if value is None:
@@ -179,18 +179,24 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a JSON or YAML config file (or none: defaults), then apply ``overrides`` on top."""
-    data: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise LossmaskError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-        data = _parse(text, path)
+    data, source = read_config_file(path)
     merged = {**data, **(overrides or {})}
     return config_from_dict(merged, source)
+
+
+def read_config_file(path: str | Path | None) -> tuple[dict[str, Any], str]:
+    """(the keys of a JSON or YAML config file, the source its errors name); ``({}, "config")`` for no file.
+
+    SFT and DPO configs are read the same way, so a bad file is reported alike for both.
+    """
+    if path is None:
+        return {}, "config"
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LossmaskError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    return _parse(text, path), str(path)
 
 
 def _parse(text: str, path: Path) -> dict[str, Any]:

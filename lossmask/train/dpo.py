@@ -60,13 +60,14 @@ from lossmask.train.checkpoint import (
     save_model_files,
     save_trainer_state,
 )
-from lossmask.train.config import TrainConfig, _coerce, _parse, config_from_dict, config_keys
-from lossmask.train.data import Batch, WindowSampler, collate, eval_micro_batches, rank_micro_batches
+from lossmask.train.config import TrainConfig, coerce, config_from_dict, config_keys, read_config_file
+from lossmask.train.data import Batch, collate, eval_micro_batches, rank_micro_batches
+from lossmask.train.loop import make_accelerator, optimizer_step, training_windows
 from lossmask.train.lora import apply_lora, is_adapter_dir, merge_adapter, parse_lora, quantization_config
 from lossmask.train.loss import forward_logits
 from lossmask.train.metrics import MetricsLog
 from lossmask.train.models import build_model, fit_vocabulary, is_preset
-from lossmask.train.schedule import lr_at
+from lossmask.train.schedule import set_lr
 from lossmask.train.setup import make_optimizer, open_data, pad_id, prepare_out_dir, seed_everything
 
 DPO_KEYS = ("beta",)
@@ -119,7 +120,7 @@ def dpo_config_from_dict(data: dict[str, Any], source: str = "config") -> DPOCon
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(keys)}"
             raise LossmaskError(f"{source}: unknown config key {key!r}{hint}")
     flat = dict(data)
-    beta = _coerce("beta", flat.pop("beta", 0.1), float, source)
+    beta = coerce("beta", flat.pop("beta", 0.1), float, source)
     nested = flat.get("schedule") if isinstance(flat.get("schedule"), dict) else {}
     defaults = {k: v for k, v in DPO_DEFAULTS.items() if k not in nested}
     return DPOConfig(config_from_dict({**defaults, **flat}, source), beta)
@@ -127,16 +128,7 @@ def dpo_config_from_dict(data: dict[str, Any], source: str = "config") -> DPOCon
 
 def load_dpo_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DPOConfig:
     """Read a JSON or YAML DPO config (or none: the defaults), then apply ``overrides`` (``--set``) on top."""
-    data: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise LossmaskError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-        data = _parse(text, path)
+    data, source = read_config_file(path)
     return dpo_config_from_dict({**data, **(overrides or {})}, source)
 
 
@@ -240,14 +232,12 @@ class DPORun:
     def __init__(self, args: DPOArgs):
         from accelerate.utils import DistributedType
 
-        from lossmask.train.loop import _accelerator
-
         _check_sft_checkpoint(args.model)
         self.args = args
         self.cfg = cfg = args.config.train
         self.beta = args.config.beta
         self.out = Path(args.out)
-        self.acc = _accelerator(cfg.use_amp, cfg.amp_dtype)
+        self.acc = make_accelerator(cfg.use_amp, cfg.amp_dtype)
         self.rank, self.world, self.is_main = self.acc.process_index, self.acc.num_processes, self.acc.is_main_process
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         if self.is_main:
@@ -271,9 +261,7 @@ class DPORun:
         if cfg.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.model, self.optimizer = self.acc.prepare(model, make_optimizer(model, cfg))
-        window = cfg.batch_size * cfg.grad_accum * self.world
-        self.sampler = WindowSampler(len(self.train_ds), window, cfg.batch_sampling_mode, cfg.seed)
-        self.max_iters = cfg.max_iters or math.ceil((cfg.epochs or 1.0) * len(self.train_ds) / window)
+        self.sampler, self.max_iters = training_windows(len(self.train_ds), cfg, self.world)
         self.counters = {"pairs": 0, "tokens": 0, "truncated": 0, "skipped_windows": 0, "optimizer_steps": 0}
         self.pad_id = pad_id(self.tokenizer)
         self.val_batches = (eval_micro_batches(len(self.val_ds), cfg.batch_size, cfg.eval_iters, self.world, self.rank)
@@ -426,9 +414,7 @@ class DPORun:
             sum(b.batch.tokens for b in batches),
             sum(b.batch.truncated for b in batches),
         ])
-        lr = lr_at(it, cfg, self.max_iters)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(self.optimizer, it, cfg, self.max_iters)
         record: dict[str, Any] = {"iter": it + 1, "lr": lr, "loss": None}
         if n_pairs > 0:
             self.model.train()
@@ -442,11 +428,7 @@ class DPORun:
                     self.acc.backward((losses * pairs.valid).sum() * (self.world / n_pairs))
                 sums += self._sums(pairs, pc, pr, rc, rr)
             record.update(zip(METRICS, (s / n_pairs for s in self._sum(sums))))
-            if cfg.grad_clip > 0:
-                record["grad_norm"] = float(self.acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.counters["optimizer_steps"] += 1
+            optimizer_step(self.acc, self.model, self.optimizer, cfg.grad_clip, record, self.counters)
         else:
             self.counters["skipped_windows"] += 1
             record["skipped"] = True

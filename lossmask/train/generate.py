@@ -45,7 +45,7 @@ def prompt_ids(tokenizer: Any, prompt: str | Sequence[dict[str, Any]]) -> list[i
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-class _StopOnText(StoppingCriteria):
+class StopOnText(StoppingCriteria):
     """Stops once the decoded continuation contains a stop string. Works for any tokenizer (transformers'
     own ``stop_strings`` needs one whose tokens map back to byte strings)."""
 
@@ -86,7 +86,7 @@ def generate(
     if temperature > 0:
         kwargs["temperature"] = temperature
     if stops:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tokenizer, stops, ids.shape[1])])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnText(tokenizer, stops, ids.shape[1])])
     with torch.no_grad():
         output = model.generate(
             input_ids=ids,

@@ -31,11 +31,12 @@ from lossmask.train.checkpoint import (
     save_trainer_state,
     set_rng_state,
 )
+from lossmask.train.config import TrainConfig
 from lossmask.train.data import Batch, WindowSampler, collate, eval_micro_batches, is_packed, rank_micro_batches
 from lossmask.train.loss import loss_sums, window_backward
 from lossmask.train.metrics import MetricsLog, plot_loss, progress_bar
 from lossmask.train.neftune import NEFTune
-from lossmask.train.schedule import lr_at
+from lossmask.train.schedule import set_lr
 from lossmask.train.setup import (
     load_optimizer_state,
     make_model,
@@ -54,7 +55,9 @@ def run_training(args: TrainArgs) -> TrainResult:
     return _Run(args).train()
 
 
-def _accelerator(use_amp: bool | None, amp_dtype: str):
+def make_accelerator(use_amp: bool | None, amp_dtype: str):
+    """The run's accelerate ``Accelerator`` (SFT and DPO): mixed precision as configured, gloo on CPU, and
+    an error when it sees another process count than was launched."""
     from accelerate import Accelerator
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -70,6 +73,27 @@ def _accelerator(use_amp: bool | None, amp_dtype: str):
     return accelerator
 
 
+def training_windows(n_items: int, cfg: TrainConfig, world: int) -> tuple[WindowSampler, int]:
+    """(the window sampler over ``n_items``, the run's length in windows: ``max_iters``, else ``epochs`` worth).
+
+    A window is ``batch_size × grad_accum × processes`` items, for SFT and DPO alike.
+    """
+    window = cfg.batch_size * cfg.grad_accum * world
+    sampler = WindowSampler(n_items, window, cfg.batch_sampling_mode, cfg.seed)
+    return sampler, cfg.max_iters or math.ceil((cfg.epochs or 1.0) * n_items / window)
+
+
+def optimizer_step(acc: Any, model: Any, optimizer: Any, grad_clip: float, record: dict[str, Any],
+                   counters: dict[str, int]) -> None:
+    """End a trained window: clip the gradients (``grad_norm`` into ``record`` when ``grad_clip`` > 0), step,
+    zero them and count the step. One place, so SFT and DPO windows cannot drift apart."""
+    if grad_clip > 0:
+        record["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    counters["optimizer_steps"] += 1
+
+
 class _Run:
     """One training invocation: owns the accelerator, model, optimizer, data position and counters."""
 
@@ -79,7 +103,7 @@ class _Run:
         self.args = args
         self.cfg = cfg = args.config
         self.out = Path(args.out)
-        self.acc = _accelerator(cfg.use_amp, cfg.amp_dtype)
+        self.acc = make_accelerator(cfg.use_amp, cfg.amp_dtype)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
@@ -107,9 +131,7 @@ class _Run:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.model, self.optimizer = self.acc.prepare(model, make_optimizer(model, cfg))
 
-        window = cfg.batch_size * cfg.grad_accum * self.world
-        self.sampler = WindowSampler(len(self.train_ds), window, cfg.batch_sampling_mode, cfg.seed)
-        self.max_iters = cfg.max_iters or math.ceil((cfg.epochs or 1.0) * len(self.train_ds) / window)
+        self.sampler, self.max_iters = training_windows(len(self.train_ds), cfg, self.world)
         self.counters = dict.fromkeys(COUNTERS, 0)
         if resume_dir is not None:
             self.sampler.load_state_dict(saved["sampler"], permutation)
@@ -223,9 +245,7 @@ class _Run:
                 sum(b.truncated for b in batches),
             ]
         )
-        lr = lr_at(it, cfg, self.max_iters)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(self.optimizer, it, cfg, self.max_iters)
         record: dict[str, Any] = {"iter": it + 1, "lr": lr, "loss": None}
         if weight > 0:
             self.model.train()
@@ -240,11 +260,7 @@ class _Run:
                 no_sync=self.acc.no_sync,
             )
             record["loss"] = self._sum([share])[0]
-            if cfg.grad_clip > 0:
-                record["grad_norm"] = float(self.acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.counters["optimizer_steps"] += 1
+            optimizer_step(self.acc, self.model, self.optimizer, cfg.grad_clip, record, self.counters)
         else:
             self.counters["skipped_windows"] += 1
             record["skipped"] = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from lossmask.train.config import TrainConfig
 
@@ -20,3 +21,14 @@ def lr_at(iteration: int, config: TrainConfig, max_iters: int) -> float:
     else:
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.min_lr + (config.lr - config.min_lr) * factor
+
+
+def set_lr(optimizer: Any, iteration: int, config: TrainConfig, max_iters: int) -> float:
+    """Put window ``iteration``'s LR (``lr_at``) on every param group of ``optimizer``; returns it.
+
+    SFT and DPO windows start the same way, so both set it here.
+    """
+    lr = lr_at(iteration, config, max_iters)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
