@@ -239,23 +239,27 @@ def prepare(options: PrepareOptions, progress: bool = True) -> PrepareSummary:
     if not options.pack:
         return _prepare(options, progress)[0]
     from lossmask.pack import pack_dataset
+    from lossmask.store import exclusive_lock
 
     if options.pack < 2:
         raise LossmaskError(f"--pack must be a block size of at least 2 tokens, got {options.pack}")
     out = Path(options.out)
     if out.exists() and not options.force:
         raise LossmaskError(f"{out} already exists; pass --force to replace it")
-    # one staging name per output: its writer's lock refuses a second run for the same OUT, and a re-run after a
-    # crash replaces (then removes) the staging the crashed run left
     staging = out.parent / f".{out.name}.unpacked"
     mask = options.mask if options.mask.max_length else replace(options.mask, max_length=options.pack)
-    try:
-        summary, groups = _prepare(replace(options, out=str(staging), mask=mask, force=True), progress)
-        summary.out = options.out
-        report = pack_dataset(staging, out, options.pack, group_keys=groups, force=options.force)
-        summary.packing = {"block_size": options.pack, "splits": {n: s.to_dict() for n, s in report.splits.items()}}
-    finally:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # held for the whole run: a second run for the same OUT is refused before it touches the staging, so
+    # whatever staging exists now (complete, or half-removed by a kill) is a crashed run's and can go
+    with exclusive_lock(out.parent / f".{out.name}.pack.lock", out):
         shutil.rmtree(staging, ignore_errors=True)
+        try:
+            summary, groups = _prepare(replace(options, out=str(staging), mask=mask, force=True), progress)
+            summary.out = options.out
+            report = pack_dataset(staging, out, options.pack, group_keys=groups, force=options.force)
+            summary.packing = {"block_size": options.pack, "splits": {n: s.to_dict() for n, s in report.splits.items()}}
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 

@@ -42,7 +42,7 @@ import operator
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -421,11 +421,7 @@ class DatasetWriter:
 
     def _release(self) -> None:
         if self._lock_fd is not None:
-            try:
-                self._lock_path.unlink()
-            except FileNotFoundError:
-                pass
-            os.close(self._lock_fd)
+            _unlock(self._lock_path, self._lock_fd)
             self._lock_fd = None
 
 
@@ -465,6 +461,26 @@ def _acquire_lock(path: Path, target: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _unlock(path: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, target: Path) -> Iterator[None]:
+    """Hold the lock file ``path`` for work on ``target``; another process holding it is refused, not waited for.
+
+    For work that spans several writers (``prepare --pack`` stages, then packs): a crashed holder's
+    leftovers can then be removed safely, because no one else can be using them.
+    """
+    fd = _acquire_lock(path, target)
+    try:
+        yield
+    finally:
+        _unlock(path, fd)
 
 
 def _clean_stale(out: Path) -> None:

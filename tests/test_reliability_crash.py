@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lossmask.store import open_dataset
+from lossmask.store import exclusive_lock, open_dataset
 from lossmask.train.checkpoint import STATE_DIR, checkpoint_dirs, load_trainer_state
 from lossmask.validate import validate_dataset
 from tests.reliability.common import CRASH_KILLS, CRASH_SEED, Tally, build_tokenizer, tree_bytes, write_jsonl
@@ -196,6 +196,25 @@ def test_rerun_removes_the_staging_of_a_killed_prepare_pack(zygote, work, tmp_pa
     assert killed["killed"] and (tmp_path / ".ds.unpacked").is_dir()
     assert zygote.run(prepare_argv(work, out, "--pack", "256", "--force"), tmp_path / "log")["rc"] == 0
     assert hidden(tmp_path, "ds") == []
+
+
+def test_prepare_pack_replaces_a_half_removed_staging(zygote, work, tmp_path):
+    """A kill while the staging was being removed leaves part of it, without its metadata: the next run clears it."""
+    (tmp_path / ".ds.unpacked" / "val").mkdir(parents=True)
+    (tmp_path / ".ds.unpacked" / "val" / "tokens.bin").write_bytes(b"\0" * 64)
+    result = zygote.run(prepare_argv(work, tmp_path / "ds", "--pack", "256"), tmp_path / "log")
+    assert result["rc"] == 0, result["output"]
+    assert hidden(tmp_path, "ds") == [] and validate_dataset(tmp_path / "ds").ok
+
+
+def test_a_second_prepare_pack_is_refused_and_leaves_the_first_runs_staging(zygote, work, tmp_path):
+    staging = tmp_path / ".ds.unpacked"
+    staging.mkdir()
+    (staging / "dataset_metadata.json").write_text("{}")  # the running first run's staging
+    with exclusive_lock(tmp_path / ".ds.pack.lock", tmp_path / "ds"):  # held by the first run
+        result = zygote.run(prepare_argv(work, tmp_path / "ds", "--pack", "256"), tmp_path / "log")
+    assert result["rc"] == 1 and "another process is writing" in result["output"], result["output"]
+    assert (staging / "dataset_metadata.json").read_text() == "{}" and not (tmp_path / "ds").exists()
 
 
 def test_mix_killed_anywhere_leaves_no_partial_output(zygote, work, tmp_path):
