@@ -55,7 +55,6 @@ share, the current phase is not used in full; pass ``total`` (lines of the curre
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -73,6 +72,7 @@ from rich.table import Table
 
 from lossmask.atomic import atomic_file
 from lossmask.errors import InputError, InputProblem, LossmaskError
+from lossmask.sources import open_input
 
 ON_ERROR: tuple[str, ...] = ("fail", "skip")
 DEFAULT_SHUFFLE_MEMORY = 64 << 20
@@ -243,15 +243,8 @@ def plan_counts(
 
 def open_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) for every line of a file (``.gz`` transparently), one line held at a time."""
-    try:
-        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    except OSError as exc:
-        raise LossmaskError(f"cannot open {path}: {exc.strerror or exc}") from exc
-    with f:
-        try:
-            yield from enumerate(f, 1)
-        except (OSError, EOFError) as exc:
-            raise LossmaskError(f"cannot read {path}: {exc}") from exc
+    with open_input(path) as f:  # a corrupt .gz too is a LossmaskError naming the file
+        yield from enumerate(f, 1)
 
 
 def json_object(raw: bytes, file: str, line: int) -> dict:

@@ -225,3 +225,14 @@ def test_print_mix_report_shows_the_composition(tmp_path):
     text = buf.getvalue()
     assert "200 lines, shuffled (seed 5)" in text
     assert "95.00%" in text and "5.00%" in text and "190" in text
+
+
+def test_a_corrupt_gzip_source_is_named_not_a_traceback(tmp_path):
+    path = tmp_path / "a.jsonl.gz"
+    data = bytearray(gzip.compress(b"".join(b'{"text": "line %d"}\n' % i for i in range(2000)), mtime=0))
+    data[20:52] = b"\xff" * 32  # the header is fine: inflating the data raises zlib.error
+    path.write_bytes(bytes(data))
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(LossmaskError, match=f"cannot read {path}"):
+        mix([f"{path}:1"], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl.gz"]
