@@ -207,7 +207,7 @@ def check_request(generator: str | None, n: int, languages: Iterable[str]) -> tu
     """Validate ``n`` and ``languages`` the same way for every generator; return the languages as a tuple.
 
     Messages start with ``generator``'s name when one is given (this module and the tool generators give
-    none). It lives in this module, the one every generator imports, so that format_lock can use it too.
+    none). It lives here because every generator imports this module.
     """
     prefix = f"{generator}: " if generator is not None else ""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
