@@ -115,6 +115,8 @@ def cmd_prepare(args) -> int:
     if args.pack_by_field and not args.pack:
         raise LossmaskError("--pack-by-field needs --pack BLOCK")
     if args.backend == "ray":
+        if args.pairs:
+            raise LossmaskError("--backend ray prepares SFT shards; prepare --pairs in one run (--workers N)")
         from lossmask.ray_backend import prepare_on_ray
 
         summaries = prepare_on_ray(options, args.ray_address)

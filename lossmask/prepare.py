@@ -122,11 +122,15 @@ def start_result(file_index: int, item: Any) -> Result:
 
     Shared by every ``Kind.worker`` so that a unit rejected while reading is reported the same way.
     """
+    result = Result(file_index, _unit_line(item))
     if isinstance(item, InputProblem):
-        result = Result(file_index, item.line)
         result.reject(item)
-        return result
-    return Result(file_index, item.source.line)
+    return result
+
+
+def _unit_line(item: Any) -> int:
+    """The input line a read unit (or the InputProblem read in its place) came from."""
+    return item.line if isinstance(item, InputProblem) else item.source.line
 
 
 Item = tuple[int, "Episode | InputProblem"]
@@ -285,6 +289,12 @@ def prepare_kind(options: PrepareOptions, kind: Kind, progress: bool = True) -> 
     """Prepare another kind of unit (e.g. preference pairs) through the same pipeline; packing does not apply."""
     if options.pack or options.pack_by_field:
         raise LossmaskError(f"--pack and --pack-by-field do not apply to {kind.name} datasets")
+    if options.num_shards is not None or options.shard_index is not None:
+        # a shard written to OUT would look like the whole dataset, and shard roots read SFT splits only
+        raise LossmaskError(
+            f"--num-shards and --shard-index do not apply to {kind.name} datasets: prepare them in one run "
+            "(--workers N uses every core)"
+        )
     return _prepare(options, progress, kind)[0]
 
 
@@ -383,8 +393,7 @@ def _in_shard(items: Iterator[Item], options: PrepareOptions) -> Iterator[Item]:
     from lossmask.shards import shard_of
 
     for fi, unit in items:
-        line = unit.line if isinstance(unit, InputProblem) else unit.source.line
-        if shard_of(fi, line, options.num_shards) == options.shard_index:
+        if shard_of(fi, _unit_line(unit), options.num_shards) == options.shard_index:
             yield fi, unit
 
 

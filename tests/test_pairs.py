@@ -235,6 +235,15 @@ def test_prepare_pairs_is_deterministic_across_workers_and_fails_cleanly(tmp_pat
     assert not (tmp_path / "none").exists()
     with pytest.raises(LossmaskError, match="--pack"):
         prepare_pairs(PrepareOptions(inputs=[str(src)], tokenizer=str(mypt_tok), out=str(tmp_path / "p"), pack=64))
+    with pytest.raises(LossmaskError, match="--num-shards and --shard-index do not apply"):
+        prepare_pairs(PrepareOptions(inputs=[str(src)], tokenizer=str(mypt_tok), out=str(tmp_path / "s"),
+                                     render=RenderOptions(format="mypt"), num_shards=2, shard_index=0))
+    assert not (tmp_path / "s").exists()
+    from lossmask.cli import main
+
+    assert main(["prepare", str(src), "--tokenizer", str(mypt_tok), "--out", str(tmp_path / "r"), "--pairs",
+                 "--format", "mypt", "--num-shards", "2", "--backend", "ray"]) == 1
+    assert not (tmp_path / "r").exists()
 
 
 def test_sft_dataset_still_opens_as_episodes(tmp_path, mypt_tok):
